@@ -1,0 +1,146 @@
+"""Conv + BN + activation blocks, and folding BN into convs for inference.
+
+`ConvBNAct` keeps mmcv ConvModule's parameter names (`conv`, `bn`) so mmseg head checkpoints
+load unchanged. Folding replaces a BN by Identity and moves its affine transform into the conv's
+weight and bias; module names stay, so a folded backbone still says `conv1`, `layer1.0.conv2`...
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+class PoolBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm for a tensor with one value per sample and channel ([B, C, 1, 1]).
+
+    At batch 1 per process a plain BatchNorm2d raises ("Expected more than 1 value per channel",
+    pytorch/vision issue 1667). With one value the batch statistics are the value itself and
+    variance 0, so the normalised output is exactly 0 and the layer emits its bias; we compute
+    that without the check and leave the running statistics alone (one sample says nothing about
+    the variance). With B >= 2 this is an ordinary BatchNorm2d, so SyncBN conversion and mmseg's
+    numerics are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.numel() // x.shape[1] == 1:
+            mean = x.mean(dim=(0, 2, 3), keepdim=True)
+            xhat = (x - mean) * torch.rsqrt(torch.zeros_like(mean) + self.eps)
+            w = self.weight.view(1, -1, 1, 1) if self.weight is not None else 1.0
+            b = self.bias.view(1, -1, 1, 1) if self.bias is not None else 0.0
+            return xhat * w + b
+        return super().forward(x)
+
+
+class ConvBNAct(nn.Module):
+    """Conv2d (no bias) -> BatchNorm2d -> ReLU, the atrous building block of the heads."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
+                 dilation: int = 1, padding: Optional[int] = None, act: bool = True,
+                 norm_layer: type = nn.BatchNorm2d):
+        super().__init__()
+        if padding is None:
+            padding = (kernel_size // 2) * dilation
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                              padding=padding, dilation=dilation, bias=False)
+        self.bn = norm_layer(out_channels)
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+    def fuse(self) -> "ConvBNAct":
+        """Fold the BN into the conv (inference only: uses the running statistics)."""
+        if isinstance(self.bn, _BatchNorm):
+            self.conv = fold_conv_bn(self.conv, self.bn)
+            self.bn = nn.Identity()
+        return self
+
+
+@torch.no_grad()
+def fold_conv_bn(conv: nn.Conv2d, bn: _BatchNorm) -> nn.Conv2d:
+    """A conv computing conv followed by bn (in eval mode), with the BN folded into it."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"cannot fold {type(bn).__name__} without running statistics "
+                         "(track_running_stats=False)")
+    # Fold in float64 so the folded weights are as close to the two-step computation as fp32 allows.
+    w = conv.weight.double()
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(bn.running_mean, dtype=torch.float64)
+    shift = bn.bias.double() if bn.bias is not None else 0.0
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+                      padding_mode=conv.padding_mode).to(device=conv.weight.device)
+    fused.weight.copy_((w * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
+    fused.bias.copy_(((bias - bn.running_mean.double()) * scale + shift).to(conv.weight.dtype))
+    return fused
+
+
+def conv_bn_pairs(module: nn.Module) -> List[Tuple[str, str]]:
+    """Names of (conv, bn) children of `module` where bn directly follows conv.
+
+    Blocks declare their pairs in `CONV_BN_PAIRS` (e.g. ResNet's conv1/bn1); an nn.Sequential's
+    pairs are adjacent (Conv2d, BatchNorm) children, which covers the deep stem and downsample.
+    """
+    declared = getattr(module, "CONV_BN_PAIRS", None)
+    if declared is not None:
+        return list(declared)
+    if isinstance(module, nn.Sequential):
+        names = list(module._modules.keys())
+        pairs = []
+        for a, b in zip(names, names[1:]):
+            if isinstance(module._modules[a], nn.Conv2d) and isinstance(module._modules[b], _BatchNorm):
+                pairs.append((a, b))
+        return pairs
+    return []
+
+
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """Fold every conv+BN pair of `model` in place and put it in eval mode.
+
+    Returns the model. The folded model gives the same outputs as the unfolded one in eval mode
+    (to fp32 rounding). Training a folded model is an error: there are no BN layers left to train.
+    """
+    model.eval()
+    for module in list(model.modules()):
+        if isinstance(module, ConvBNAct):
+            module.fuse()
+            continue
+        for conv_name, bn_name in conv_bn_pairs(module):
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm):
+                setattr(module, conv_name, fold_conv_bn(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+    model.fused = True
+    return model
+
+
+def count_batchnorms(modules: Iterable[nn.Module]) -> int:
+    return sum(isinstance(m, _BatchNorm) for m in modules)
+
+
+def mean_over_valid(x: torch.Tensor, valid_hw: Optional[torch.Tensor]) -> torch.Tensor:
+    """Spatial mean [B, C, 1, 1] of x [B, C, H, W], over the top-left valid_hw[b] window.
+
+    A mask built from aranges keeps every shape static (no slicing by data-dependent sizes), so
+    graph compilers see one graph whatever the valid sizes are.
+    """
+    if valid_hw is None:
+        return x.mean(dim=(2, 3), keepdim=True)
+    b, _, h, w = x.shape
+    if valid_hw.shape != (b, 2):
+        raise ValueError(f"valid_hw must have shape [B, 2] = [{b}, 2], got {tuple(valid_hw.shape)}")
+    vh = valid_hw[:, 0].to(device=x.device).clamp(1, h)
+    vw = valid_hw[:, 1].to(device=x.device).clamp(1, w)
+    rows = torch.arange(h, device=x.device).view(1, h, 1) < vh.view(b, 1, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w) < vw.view(b, 1, 1)
+    mask = (rows & cols).to(x.dtype).unsqueeze(1)  # [B,1,H,W]
+    total = (x * mask).sum(dim=(2, 3), keepdim=True)
+    count = (vh * vw).to(x.dtype).view(b, 1, 1, 1)
+    return total / count
+

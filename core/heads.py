@@ -1,0 +1,77 @@
+"""DeepLabV3's ASPP decode head and the FCN auxiliary head, with mmseg 1.x parameter names.
+
+The ASPP here is accelerator-friendly: the image-pool branch is a (masked) mean over the spatial
+dims and a broadcast back, instead of AdaptiveAvgPool2d(1) + bilinear upsampling from 1x1, so
+every shape is static for a fixed input size, and with `valid_hw` the pooled features of a padded
+batch equal those of the unpadded images ("padded pooling").
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from core.blocks import ConvBNAct, PoolBatchNorm2d, mean_over_valid
+
+
+class ImagePool(nn.Module):
+    """Global-context branch. Index 1 holds the 1x1 ConvBNAct, as mmseg's
+    `image_pool = Sequential(AdaptiveAvgPool2d(1), ConvModule(...))`, so keys read
+    `image_pool.1.conv.weight`."""
+
+    def __init__(self, in_channels: int, channels: int, norm_layer: type):
+        super().__init__()
+        self.add_module("0", nn.Identity())  # placeholder for mmseg's pooling layer (no params)
+        pool_norm = PoolBatchNorm2d if norm_layer is nn.BatchNorm2d else norm_layer
+        self.add_module("1", ConvBNAct(in_channels, channels, 1, norm_layer=pool_norm))
+
+    def forward(self, x: torch.Tensor, valid_hw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        pooled = mean_over_valid(x, valid_hw)
+        feat = self._modules["1"](pooled)
+        return feat.expand(-1, -1, x.shape[2], x.shape[3])
+
+
+class ASPPHead(nn.Module):
+    def __init__(self, in_channels: int, channels: int, num_classes: int,
+                 dilations: Sequence[int] = (1, 12, 24, 36), dropout: float = 0.1,
+                 norm_layer: type = nn.BatchNorm2d):
+        super().__init__()
+        self.image_pool = ImagePool(in_channels, channels, norm_layer)
+        self.aspp_modules = nn.ModuleList(
+            ConvBNAct(in_channels, channels, 1 if d == 1 else 3, dilation=d,
+                      padding=0 if d == 1 else d, norm_layer=norm_layer)
+            for d in dilations)
+        self.bottleneck = ConvBNAct((len(dilations) + 1) * channels, channels, 3, norm_layer=norm_layer)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        _init_classifier(self.conv_seg)
+
+    def forward(self, x: torch.Tensor, valid_hw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        branches = [self.image_pool(x, valid_hw)]
+        branches.extend(m(x) for m in self.aspp_modules)
+        out = self.bottleneck(torch.cat(branches, dim=1))
+        return self.conv_seg(self.dropout(out))
+
+
+class FCNHead(nn.Module):
+    """mmseg's FCNHead with num_convs=1, concat_input=False (the DeepLabV3 auxiliary head)."""
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int, num_convs: int = 1,
+                 dropout: float = 0.1, norm_layer: type = nn.BatchNorm2d):
+        super().__init__()
+        convs = [ConvBNAct(in_channels if i == 0 else channels, channels, 3, norm_layer=norm_layer)
+                 for i in range(num_convs)]
+        self.convs = nn.Sequential(*convs)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        _init_classifier(self.conv_seg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_seg(self.dropout(self.convs(x)))
+
+
+def _init_classifier(conv: nn.Conv2d) -> None:
+    # mmseg BaseDecodeHead: normal_init(conv_seg, mean=0, std=0.01), bias 0.
+    nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(conv.bias)
