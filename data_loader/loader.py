@@ -1,0 +1,329 @@
+"""The shared-memory loader: worker processes fill a ring of fixed-shape uint8 batch slots.
+
+    loader = build_train_loader(root, batch_size=2, workers=2, seed=0)
+    for step, batch in zip(range(iters), loader):   # infinite
+        image = batch.image  # torch.uint8 [B,H,W,3] BGR, a zero-copy view of shared memory
+        ...
+    loader.close()
+
+Batch k is assigned to worker k % workers, so batches arrive in order and their content depends
+only on (seed, rank, world_size, k), never on the number of workers (workers=0 runs the same
+code in-process). A slot is handed back when the next batch is requested or on
+batch.release(): copy what you need (e.g. to the device) before asking for the next batch.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import time
+import warnings
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+
+import torch
+
+from .cityscapes import CityscapesIndex, DatasetError
+from .lifecycle import LoaderResources, describe_exit, install_sigterm_handler
+from .sampler import SampleTask, ShardedStream, val_shard
+from .shm_ring import SlotRing, SlotSpec
+from .transforms import TrainTransformConfig
+from .worker import PngSource, TrainFiller, ValFiller, fill_batch, worker_main
+
+
+class LoaderWorkerError(RuntimeError):
+    """A worker process died or stopped answering; the loader has been shut down."""
+
+
+@dataclass
+class Batch:
+    image: torch.Tensor  # uint8 [B,H,W,3], BGR
+    label: torch.Tensor  # uint8 [B,H,W]
+    meta: dict
+    _release: object = field(default=None, repr=False)
+    _copy_event: object = field(default=None, repr=False)
+
+    def to(self, device, non_blocking: bool = True):
+        """(image, label) on `device`; with pinned slots the copy is async and release() waits for it."""
+        image = self.image.to(device, non_blocking=non_blocking)
+        label = self.label.to(device, non_blocking=non_blocking)
+        if non_blocking and torch.device(device).type == "cuda":
+            self._copy_event = torch.cuda.Event()
+            self._copy_event.record()
+        return image, label
+
+    def release(self) -> None:
+        """Hand the slot back to the workers now (the tensors must not be used afterwards)."""
+        if self._copy_event is not None:
+            self._copy_event.synchronize()
+            self._copy_event = None
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+def _collate_meta(batch_index: int, metas: list[dict]) -> dict:
+    meta = {"batch_index": batch_index}
+    for key in metas[0]:
+        values = [m[key] for m in metas]
+        meta[key] = torch.tensor(values, dtype=torch.int32) if key in ("valid_hw", "ori_hw") else values
+    return meta
+
+
+class ShmLoader:
+    """Iterates batches plan(0), plan(1), ... (num_batches of them, or forever if None)."""
+
+    def __init__(self, source, filler, plan, spec: SlotSpec, num_batches: int | None, workers: int = 2,
+                 prefetch: int = 2, pin_memory: bool = False, start_method: str | None = None,
+                 timeout: float | None = None, state_keys: dict | None = None):
+        if workers < 0 or prefetch < 1:
+            raise ValueError(f"workers={workers}, prefetch={prefetch}: expected workers >= 0 and prefetch >= 1")
+        self.source, self.filler, self.plan, self.spec = source, filler, plan, spec
+        self.num_batches, self.workers, self.timeout = num_batches, workers, timeout
+        self.state_keys = dict(state_keys or {})
+        self._next = 0  # next batch index handed out
+        self._submitted = 0
+        self._inflight: deque = deque()  # (batch index, slot, worker) in submission order
+        self._held = None
+        self._closed = False
+        self.pinned = False
+        if workers == 0:
+            self._local = spec.views(bytearray(spec.nbytes))
+            self._resources = None
+            self._tensors = [tuple(torch.from_numpy(a) for a in self._local)]
+            return
+        install_sigterm_handler()
+        ring = SlotRing(spec, workers * prefetch + 1)
+        self._resources = LoaderResources(ring, [], [])
+        self._finalizer = weakref.finalize(self, self._resources.shutdown)
+        ctx = multiprocessing.get_context(start_method or ("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"))
+        inherit = ctx.get_start_method() == "fork"
+        parent_pid = multiprocessing.current_process().pid
+        for _ in range(workers):
+            parent_conn, child_conn = ctx.Pipe(duplex=True)
+            proc = ctx.Process(target=worker_main, daemon=True, args=(
+                child_conn, spec, ring.names, ring if inherit else None, source, filler, parent_pid))
+            proc.start()
+            child_conn.close()
+            self._resources.processes.append(proc)
+            self._resources.conns.append(parent_conn)
+        self._free = deque(range(len(ring.names)))
+        self._tensors = [tuple(torch.from_numpy(a) for a in views) for views in ring.views]
+        if pin_memory and torch.cuda.is_available():
+            self._pin(ring)
+
+    def _pin(self, ring: SlotRing) -> None:
+        # Page-lock the slots in place (cudaHostRegister): the tensors stay zero-copy views and
+        # host-to-device copies from them can run asynchronously.
+        cudart = torch.cuda.cudart()
+        try:
+            for image, _ in self._tensors:
+                ptr = image.data_ptr()
+                torch.cuda.check_error(cudart.cudaHostRegister(ptr, self.spec.nbytes, 0))
+                self._resources.pinned.append(ptr)
+        except Exception as e:  # pinning is an optimisation: say so loudly, keep the data flowing
+            warnings.warn(f"pin_memory=True: cudaHostRegister of the loader's shared memory failed ({e}); "
+                          f"host-to-device copies will be synchronous")
+            return
+        self.pinned = True
+
+    # -- iteration ------------------------------------------------------------------------------
+
+    def __iter__(self):
+        if self.num_batches is not None and self._next != 0:
+            self._seek(0)  # a finite loader starts over on every `for` loop
+        return self
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("this loader is infinite (iteration-based training); it has no length")
+        return self.num_batches
+
+    def __next__(self) -> Batch:
+        if self._closed:
+            raise RuntimeError("the loader is closed")
+        self._release_held()
+        if self.num_batches is not None and self._next >= self.num_batches:
+            raise StopIteration
+        k = self._next
+        try:
+            if self.workers == 0:
+                image, label = self._local
+                metas = fill_batch(self.source, self.filler, self.plan(k), image, label)
+                slot = 0
+            else:
+                self._submit()
+                index, slot, worker = self._inflight.popleft()
+                reply = self._receive(worker)
+                if reply[0] != "ok":
+                    self._raise_worker_error(reply)
+                metas = reply[3]
+        except StopIteration:
+            raise
+        except BaseException:
+            self.close()  # a half-received pipeline cannot be resumed; never leak the segments
+            raise
+        self._next += 1
+        image_t, label_t = self._tensors[slot]
+        batch = Batch(image_t, label_t, _collate_meta(k, metas))
+        if self.workers > 0:
+            batch._release = lambda s=slot: self._free.append(s)
+        self._held = batch
+        return batch
+
+    def _release_held(self) -> None:
+        if self._held is not None:
+            self._held.release()
+            self._held = None
+
+    def _submit(self) -> None:
+        conns = self._resources.conns
+        while self._free and (self.num_batches is None or self._submitted < self.num_batches):
+            slot = self._free.popleft()
+            worker = self._submitted % self.workers
+            conns[worker].send((self._submitted, slot, self.plan(self._submitted)))
+            self._inflight.append((self._submitted, slot, worker))
+            self._submitted += 1
+
+    def _receive(self, worker: int):
+        conn = self._resources.conns[worker]
+        procs = self._resources.processes
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            ready = wait([conn] + [p.sentinel for p in procs], timeout=1.0)
+            if conn in ready:
+                try:
+                    return conn.recv()
+                except (EOFError, OSError):
+                    self._raise_dead(worker)
+            for i, proc in enumerate(procs):
+                if proc.exitcode is not None:
+                    self._raise_dead(i)
+            if deadline is not None and time.monotonic() > deadline:
+                self.close()
+                raise LoaderWorkerError(f"data loader worker {worker} gave no batch within timeout={self.timeout}s")
+
+    def _raise_dead(self, worker: int):
+        proc = self._resources.processes[worker]
+        proc.join(timeout=1.0)
+        how = describe_exit(proc.exitcode)
+        self.close()
+        raise LoaderWorkerError(f"data loader worker {worker} (pid {proc.pid}) died unexpectedly ({how}); "
+                                f"the loader has been shut down and its shared memory released")
+
+    def _raise_worker_error(self, reply):
+        _, index, _, kind, message, tb = reply
+        self.close()
+        if kind == "PackError":
+            from .pack import PackError
+
+            raise PackError(message)
+        if kind == "DatasetError":
+            raise DatasetError(message)
+        raise RuntimeError(f"data loader worker failed on batch {index}: {message}\nworker traceback:\n{tb}")
+
+    # -- position -------------------------------------------------------------------------------
+
+    def _seek(self, k: int) -> None:
+        self._release_held()
+        while self._inflight:  # finish and discard what the workers are doing
+            _, slot, worker = self._inflight.popleft()
+            reply = self._receive(worker)
+            self._free.append(slot)
+            if reply[0] != "ok":
+                self._raise_worker_error(reply)
+        self._next = self._submitted = k
+
+    def state_dict(self) -> dict:
+        """The position after the batches handed out so far (plus what must match on resume)."""
+        return {"next_batch": self._next, **self.state_keys}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in self.state_keys.items():
+            if state.get(key) != value:
+                raise ValueError(f"loader state {key}={state.get(key)!r} does not match this loader's {value!r}")
+        k = state["next_batch"]
+        if not isinstance(k, int) or k < 0 or (self.num_batches is not None and k > self.num_batches):
+            raise ValueError(f"loader state next_batch={k!r}: expected an int in [0, {self.num_batches}]")
+        if self.workers > 0:
+            self._seek(k)
+        else:
+            self._held, self._next = None, k
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the workers and unlink every shared-memory segment (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._held = None
+        self._tensors = []  # our views on the slots, so the mappings can be closed cleanly
+        if self._resources is not None:
+            self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [] if self._resources is None else [p.pid for p in self._resources.processes]
+
+    @property
+    def segment_names(self) -> list[str]:
+        return [] if self._resources is None or self._resources.ring is None else list(self._resources.ring.names)
+
+
+def _train_source(root: str, split: str, pack: str | None):
+    if pack is not None:
+        from .pack import PackReader
+
+        return PackReader(pack, split, root)
+    return PngSource(CityscapesIndex(root, split).samples)
+
+
+def build_train_loader(root: str, split: str = "train", batch_size: int = 2, crop=(512, 1024), scale=(2048, 1024),
+                       ratio_range=(0.5, 2.0), cat_max_ratio: float = 0.75, workers: int = 2, seed: int = 0,
+                       rank: int = 0, world_size: int = 1, pin_memory: bool = False, pack: str | None = None,
+                       flip_prob: float = 0.5, photometric: bool = True, prefetch: int = 2,
+                       start_method: str | None = None, timeout: float | None = None) -> ShmLoader:
+    """Infinite loader of augmented training batches: Batch.image uint8 [B,crop_h,crop_w,3] BGR."""
+    cfg = TrainTransformConfig(crop_size=tuple(crop), scale=tuple(scale), ratio_range=tuple(ratio_range),
+                               cat_max_ratio=cat_max_ratio, flip_prob=flip_prob, photometric=photometric)
+    source = _train_source(root, split, pack)
+    stream = ShardedStream(len(source), batch_size, seed, rank, world_size)
+    filler = TrainFiller(cfg, seed, num_threads=1 if workers > 0 else None)
+    spec = SlotSpec(batch_size, cfg.crop_size[0], cfg.crop_size[1])
+    keys = {"seed": seed, "rank": rank, "world_size": world_size, "batch_size": batch_size, "num_samples": len(source)}
+    return ShmLoader(source, filler, stream.batch, spec, None, workers, prefetch, pin_memory, start_method, timeout, keys)
+
+
+def build_val_loader(root: str, split: str = "val", workers: int = 2, rank: int = 0, world_size: int = 1,
+                     scale=None, pack: str | None = None, pin_memory: bool = False,
+                     start_method: str | None = None, timeout: float | None = None) -> ShmLoader:
+    """Finite loader, batch size 1, this rank's share of the split in order (no padding).
+
+    Slots have the largest image / label size of the split; meta['valid_hw'] is the image's size
+    (resized keep-ratio to `scale` if given) and meta['ori_hw'] the label's original size.
+    """
+    if pack is not None:
+        from .pack import PackReader
+
+        source = PackReader(pack, split, root)
+        sizes = [source.shape(i) for i in range(len(source))]
+    else:
+        index = CityscapesIndex(root, split)
+        source, sizes = PngSource(index.samples), index.sizes
+    indices = val_shard(len(source), rank, world_size)
+    filler = ValFiller(scale, num_threads=1 if workers > 0 else None)
+    mine = [sizes[i] for i in indices] or sizes[:1]
+    image_hw = [filler.transform.image_size(h, w) for h, w in mine]
+    height = max(max(h for h, _ in image_hw), max(h for h, _ in mine))
+    width = max(max(w for _, w in image_hw), max(w for _, w in mine))
+    spec = SlotSpec(1, height, width)
+    keys = {"rank": rank, "world_size": world_size, "num_samples": len(source)}
+    plan = lambda k: [SampleTask(indices[k], -1)]  # noqa: E731
+    return ShmLoader(source, filler, plan, spec, len(indices), workers, 2, pin_memory, start_method, timeout, keys)
