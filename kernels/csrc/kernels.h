@@ -1,0 +1,37 @@
+// Entry points of the kernels._C module; one .cpp per op defines each, module.cpp binds them.
+// Python-facing argument names match kernels/ops.py, and so do the names in error messages.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace kernels {
+namespace py = pybind11;
+
+py::array resize_crop(const py::object& src, int64_t out_h, int64_t out_w, int64_t y0, int64_t x0, int64_t h,
+                      int64_t w, bool flip, const std::string& interp, const py::object& out, int num_threads);
+
+py::array label_histogram(const py::object& label, int64_t y0, int64_t x0, int64_t h, int64_t w, bool whole,
+                          int64_t ignore_index);
+
+py::array photometric(const py::object& img, std::optional<double> brightness_delta,
+                      std::optional<double> contrast_alpha, std::optional<double> saturation_alpha,
+                      std::optional<int64_t> hue_delta, bool contrast_first, const py::object& out,
+                      int num_threads);
+
+void normalize(const py::object& img, const std::vector<double>& mean, const std::vector<double>& std,
+               bool to_rgb, bool bfloat16, const py::object& out, int num_threads);
+
+py::array label_lookup(const py::object& label, const py::object& table, const py::object& out, int num_threads);
+
+py::array confusion_matrix(const py::object& pred, const py::object& label, int64_t num_classes,
+                           int64_t ignore_index, int num_threads);
+
+py::object fill_polygons(const py::object& canvas, const py::list& polygons, const py::list& values,
+                         int num_threads);
+
+}  // namespace kernels

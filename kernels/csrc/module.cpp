@@ -1,0 +1,61 @@
+// The kernels._C extension module: one binding per op. kernels/ops.py is the typed public API on
+// top of these low-level entry points (it resolves defaults such as num_threads=None and turns
+// tuples and torch tensors into the plain arguments below).
+#include <pybind11/stl.h>
+
+#include "hsv.h"
+#include "kernels.h"
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "C++ data-path and evaluation kernels (use kernels.ops, the typed wrappers).";
+
+    m.def("resize_crop", &kernels::resize_crop, "src"_a, "out_h"_a, "out_w"_a, "y0"_a, "x0"_a, "h"_a, "w"_a,
+          "flip"_a = false, "interp"_a = "bilinear", "out"_a = py::none(), "num_threads"_a = 1,
+          "The window (y0, x0, h, w) of cv2.resize(src, (out_w, out_h)) for uint8 src [H,W] or [H,W,C]\n"
+          "(C in 1..4), mirrored horizontally if flip. interp 'bilinear' = OpenCV INTER_LINEAR\n"
+          "(bit-exact), 'nearest' = INTER_NEAREST. Only the window is computed. out: optional uint8\n"
+          "array [h,w(,C)] not overlapping src. Returns out. Parallel over output rows.");
+
+    m.def("label_histogram", &kernels::label_histogram, "label"_a, "y0"_a, "x0"_a, "h"_a, "w"_a, "whole"_a,
+          "ignore_index"_a = 255,
+          "int64 [256] counts of the values of uint8 label [H,W] inside the window (y0, x0, h, w), or\n"
+          "the whole array if whole=True; the ignore_index bin (if in 0..255) is set to 0.");
+
+    m.def("photometric", &kernels::photometric, "img"_a, "brightness_delta"_a = py::none(),
+          "contrast_alpha"_a = py::none(), "saturation_alpha"_a = py::none(), "hue_delta"_a = py::none(),
+          "contrast_first"_a = true, "out"_a = py::none(), "num_threads"_a = 1,
+          "mmseg PhotoMetricDistortion on uint8 BGR img [H,W,3] with given draws (None = step skipped):\n"
+          "brightness, contrast (if contrast_first), saturation, hue, contrast (if not contrast_first).\n"
+          "Bit-exact with mmseg's numpy + cv2.cvtColor arithmetic. out: optional uint8 [H,W,3], may be\n"
+          "img itself. Returns out. Parallel over pixels.");
+
+    m.def("normalize", &kernels::normalize, "img"_a, "mean"_a, "std"_a, "to_rgb"_a, "bfloat16"_a, "out"_a,
+          "num_threads"_a = 1,
+          "out[n,c,y,x] = (img[n,y,x,c'] - mean[c]) / std[c] in float32 (c' = 2-c if to_rgb else c) for\n"
+          "uint8 img [N,H,W,3]; out is float32 [N,3,H,W], or int16/uint16 [N,3,H,W] receiving bfloat16\n"
+          "bits (round to nearest even, as torch) if bfloat16. Parallel over image rows.");
+
+    m.def("label_lookup", &kernels::label_lookup, "label"_a, "table"_a, "out"_a = py::none(), "num_threads"_a = 1,
+          "out[i] = table[label[i]] for a C-contiguous uint8 label of any shape and a uint8 table of\n"
+          "shape (256,). out (optional) is a uint8 array of label's shape, or label itself.\n"
+          "Returns out. Parallel over the flat array.");
+
+    m.def("confusion_matrix", &kernels::confusion_matrix, "pred"_a, "label"_a, "num_classes"_a,
+          "ignore_index"_a = 255, "num_threads"_a = 1,
+          "int64 [K,K] matrix, rows = label (ground truth), columns = pred, for equal-shaped uint8/int32/\n"
+          "int64 arrays; label == ignore_index is skipped; any other label or pred value outside [0, K)\n"
+          "raises ValueError naming the first such element. Per-thread private matrices, then summed.");
+
+    m.def("fill_polygons", &kernels::fill_polygons, "canvas"_a, "polygons"_a, "values"_a, "num_threads"_a = 1,
+          "Fill each float64 [N,2] (x, y) polygon with its int value (0..255) on uint8 canvas [H,W], in\n"
+          "order, in place, pixel-identical to PIL ImageDraw.polygon(xy, fill=value). Returns canvas.\n"
+          "Parallel over bands of rows (every band draws all polygons in order).");
+
+    m.def("hsv_implementation", &kernels::hsv_implementation,
+          "'avx2' or 'scalar': the HSV conversion code photometric uses on this CPU (identical results).");
+    m.def("_force_scalar_hsv", &kernels::hsv_force_scalar, "force"_a,
+          "Testing hook: force (True) or stop forcing (False) the portable scalar HSV code.");
+}

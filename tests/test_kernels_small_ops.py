@@ -1,0 +1,177 @@
+"""label_lookup, label_histogram, normalize and confusion_matrix: C++ against the reference and
+against independent numpy/torch formulas."""
+import os
+import secrets
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from kernels import ops
+from kernels import reference as ref
+
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+
+
+@pytest.fixture
+def rng():
+    seed = int(os.environ.get("KERNELS_TEST_SEED", secrets.randbits(32)))
+    print(f"random seed {seed} (rerun with KERNELS_TEST_SEED={seed})")
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(autouse=True)
+def cpp_backend():
+    previous = kernels.reference_enabled()
+    kernels.use_reference(False)
+    yield
+    kernels.use_reference(previous)
+
+
+# --- label_lookup ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1), (7, 13), (3, 5, 17), (300, 301)])
+def test_lookup_equals_fancy_indexing(rng, shape):
+    label = rng.integers(0, 256, shape, dtype=np.uint8)
+    table = rng.integers(0, 256, 256, dtype=np.uint8)
+    got = ops.label_lookup(label, table)
+    np.testing.assert_array_equal(got, table[label])
+    np.testing.assert_array_equal(got, ref.label_lookup(label, table))
+
+
+def test_lookup_in_place_out_and_threads(rng):
+    label = rng.integers(0, 256, (400, 500), dtype=np.uint8)
+    table = rng.permutation(256).astype(np.uint8)
+    want = table[label]
+    for n in (1, 2, 3, 8):
+        np.testing.assert_array_equal(ops.label_lookup(label, table, num_threads=n), want)
+    out = np.empty_like(label)
+    assert ops.label_lookup(label, table, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    assert ops.label_lookup(label, table, out=label) is label
+    np.testing.assert_array_equal(label, want)
+
+
+# --- label_histogram ---------------------------------------------------------------------------
+
+def test_histogram_counts_window_and_zeroes_ignore(rng):
+    label = rng.integers(0, 256, (61, 77), dtype=np.uint8)
+    label[:, :9] = 255
+    for window in [None, (0, 0, 61, 77), (5, 3, 20, 31), (60, 76, 1, 1), (10, 10, 0, 5)]:
+        got = ops.label_histogram(label, window)
+        y0, x0, h, w = window or (0, 0, 61, 77)
+        want = np.bincount(label[y0:y0 + h, x0:x0 + w].ravel(), minlength=256)
+        want[255] = 0
+        assert got.dtype == np.int64 and got.shape == (256,)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, ref.label_histogram(label, window))
+
+
+def test_histogram_other_ignore_index(rng):
+    label = rng.integers(0, 4, (9, 9), dtype=np.uint8)
+    got = ops.label_histogram(label, ignore_index=2)
+    assert got[2] == 0 and got.sum() == (label != 2).sum()
+    np.testing.assert_array_equal(ops.label_histogram(label, ignore_index=-1), np.bincount(label.ravel(), minlength=256))
+
+
+# --- normalize ---------------------------------------------------------------------------------
+
+def torch_normalize(img, to_rgb, dtype):
+    """The usual torch formulation, independent of kernels.reference."""
+    x = torch.as_tensor(img)
+    x = x[..., [2, 1, 0]] if to_rgb else x
+    x = x.movedim(-1, -3).float()
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    return ((x - mean) / std).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 3), (5, 7, 3), (2, 9, 33, 3), (1, 64, 100, 3)])
+@pytest.mark.parametrize("to_rgb", [True, False])
+def test_normalize_matches_torch_bitwise(rng, dtype, shape, to_rgb):
+    img = rng.integers(0, 256, shape, dtype=np.uint8)
+    img.reshape(-1, 3)[0] = 0
+    img.reshape(-1, 3)[-1] = 255
+    got = ops.normalize(img, MEAN, STD, to_rgb=to_rgb, dtype=dtype)
+    want = torch_normalize(img, to_rgb, dtype)
+    assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
+    assert torch.equal(got, want)
+    assert torch.equal(got, ref.normalize(img, MEAN, STD, to_rgb=to_rgb, dtype=dtype))
+
+
+def test_normalize_bf16_rounds_every_byte_like_torch():
+    # All 256 values per channel, with a mean/std pair that puts many results on bf16 ties.
+    img = np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(1, 256, 3)
+    for mean, std in [(MEAN, STD), ((0.0, 0.5, 128.0), (1.0, 3.0, 0.125))]:
+        got = ops.normalize(img, mean, std, to_rgb=False, dtype=torch.bfloat16)
+        x = torch.as_tensor(img).movedim(-1, -3).float()
+        want = ((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)).to(torch.bfloat16)
+        assert torch.equal(got, want)
+
+
+def test_normalize_torch_input_out_buffer_and_threads(rng):
+    img = torch.from_numpy(rng.integers(0, 256, (3, 40, 50, 3), dtype=np.uint8))
+    want = torch_normalize(img.numpy(), True, torch.float32)
+    out = torch.empty((3, 3, 40, 50))
+    assert ops.normalize(img, MEAN, STD, out=out) is out
+    assert torch.equal(out, want)
+    for n in (1, 2, 5):
+        assert torch.equal(ops.normalize(img, MEAN, STD, num_threads=n), want)
+
+
+# --- confusion_matrix --------------------------------------------------------------------------
+
+def numpy_confusion(pred, label, k, ignore):
+    keep = label != ignore
+    return np.bincount(label[keep].astype(np.int64) * k + pred[keep], minlength=k * k).reshape(k, k)
+
+
+@pytest.mark.parametrize("pred_dtype", [np.uint8, np.int32, np.int64])
+@pytest.mark.parametrize("label_dtype", [np.uint8, np.int32, np.int64])
+def test_confusion_all_dtype_pairs(rng, pred_dtype, label_dtype):
+    label = rng.integers(0, 19, (37, 41)).astype(label_dtype)
+    label[::4, ::3] = 255
+    pred = rng.integers(0, 19, (37, 41)).astype(pred_dtype)
+    got = ops.confusion_matrix(pred, label, 19)
+    assert got.dtype == np.int64 and got.shape == (19, 19)
+    np.testing.assert_array_equal(got, numpy_confusion(pred, label, 19, 255))
+    np.testing.assert_array_equal(got, ref.confusion_matrix(pred, label, 19))
+
+
+def test_confusion_threads_torch_inputs_and_other_ignore(rng):
+    label = rng.integers(-1, 150, 500_000).astype(np.int64)
+    pred = rng.integers(0, 150, 500_000).astype(np.int64)
+    want = numpy_confusion(pred, label, 150, -1)
+    for n in (1, 2, 3, 8):
+        np.testing.assert_array_equal(ops.confusion_matrix(pred, label, 150, ignore_index=-1, num_threads=n), want)
+    got = ops.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(label), 150, ignore_index=-1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_confusion_single_class_and_empty():
+    assert ops.confusion_matrix(np.zeros(5, np.uint8), np.zeros(5, np.uint8), 1).tolist() == [[5]]
+    assert ops.confusion_matrix(np.zeros(0, np.uint8), np.zeros(0, np.uint8), 3).sum() == 0
+
+
+def test_confusion_reports_first_bad_value_for_any_thread_count(rng):
+    label = rng.integers(0, 19, 300_000).astype(np.uint8)
+    pred = rng.integers(0, 19, 300_000).astype(np.uint8)
+    label[250_000] = 40
+    pred[200_000] = 19
+    label[100_000] = 255  # ignored pixels are never checked
+    pred[100_000] = 200
+    messages = set()
+    for n in (1, 2, 4):
+        with pytest.raises(ValueError, match="pred has value 19 at flat index 200000") as info:
+            ops.confusion_matrix(pred, label, 19, num_threads=n)
+        messages.add(str(info.value))
+    with pytest.raises(ValueError) as info:
+        ref.confusion_matrix(pred, label, 19)
+    messages.add(str(info.value))
+    assert len(messages) == 1
+    pred[200_000] = 0
+    with pytest.raises(ValueError, match="label has value 40 at flat index 250000"):
+        ops.confusion_matrix(pred, label, 19, num_threads=3)
