@@ -79,7 +79,7 @@ def draw_kernel(height: int, width: int, polygons, values, background: int) -> n
     return canvas
 
 
-def polygons_to_label(path: str, encoding: str = "trainIds", backend: str = "pillow") -> np.ndarray:
+def polygons_to_label(path: str, encoding: str = "trainIds", backend: str = "kernel") -> np.ndarray:
     """Rasterise one polygons JSON into a uint8 [H,W] label image."""
     height, width, polygons, values = load_polygons(path, encoding)
     if backend == "pillow":
