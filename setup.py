@@ -48,7 +48,8 @@ setup(
         "pillow>=9.0",
         "pyyaml>=6.0",
         "psutil>=5.9",
-        "pyspng>=0.1",  # libspng PNG decoding, ~1.2-1.6x faster than OpenCV and bit-identical (tested)
+        "pyspng>=0.1",
+        "matplotlib>=3.5",  # loss / mIoU curves (a Pillow fallback draws them without it)  # libspng PNG decoding, ~1.2-1.6x faster than OpenCV and bit-identical (tested)
     ],
     extras_require={"test": ["pytest>=7"]},
     zip_safe=False,

@@ -31,7 +31,8 @@ class PoolBatchNorm2d(nn.BatchNorm2d):
             xhat = (x - mean) * torch.rsqrt(torch.zeros_like(mean) + self.eps)
             w = self.weight.view(1, -1, 1, 1) if self.weight is not None else 1.0
             b = self.bias.view(1, -1, 1, 1) if self.bias is not None else 0.0
-            return xhat * w + b
+            # Keep the input's dtype (bf16/fp16 activations with fp32 BN parameters at O2).
+            return (xhat * w + b).to(x.dtype)
         return super().forward(x)
 
 

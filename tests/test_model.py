@@ -205,3 +205,11 @@ def test_bad_arguments_are_named():
     model = build_model("r18", base_channels=8)
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         model(torch.randn(1, 4, 16, 16))
+
+
+def test_pool_batchnorm_batch1_keeps_low_precision_dtype():
+    # At O2 the BN parameters stay fp32 while activations are bf16: the output must stay bf16,
+    # or the next (bf16) conv fails.
+    bn = PoolBatchNorm2d(4).train()
+    x = torch.randn(1, 4, 1, 1, dtype=torch.bfloat16)
+    assert bn(x).dtype == torch.bfloat16
