@@ -1,7 +1,6 @@
 """Backend selection (C++ / reference, KERNELS_REFERENCE, unbuilt extension) and argument
 validation: every bad argument is rejected by both backends with an error naming it."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,16 +56,18 @@ def test_invalid_environment_value_is_an_error():
     assert result.returncode != 0 and "KERNELS_REFERENCE" in result.stderr
 
 
-def test_unbuilt_extension_raises_with_build_hint_unless_reference_forced(tmp_path):
-    # A copy of the package without the compiled module, as after a plain checkout.
-    shutil.copytree(REPO / "kernels", tmp_path / "kernels", ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
-    code = ("import numpy as np; from kernels import ops\n"
+def test_unbuilt_extension_raises_with_build_hint_unless_reference_forced():
+    # An unbuilt extension, as after a plain checkout. Blocking the module in sys.modules makes the
+    # import fail for real whatever finders are installed (an editable install's finder would
+    # otherwise locate the .so of the source tree even from a copy of the package).
+    code = ("import sys; sys.modules['kernels._C'] = None\n"
+            "import numpy as np; from kernels import ops\n"
             "t = np.arange(256, dtype=np.uint8)[::-1].copy()\n"
             "print(ops.backend(), ops.label_lookup(np.array([0, 1, 255], np.uint8), t).tolist())")
-    result = run_python(code, tmp_path, {})
+    result = run_python(code, REPO, {})
     assert result.returncode != 0
     assert "ImportError" in result.stderr and "pip install -e ." in result.stderr
-    forced = run_python(code, tmp_path, {"KERNELS_REFERENCE": "1"})
+    forced = run_python(code, REPO, {"KERNELS_REFERENCE": "1"})
     assert forced.returncode == 0, forced.stderr
     assert forced.stdout.strip().split(maxsplit=1) == ["reference", "[255, 254, 0]"]
 
