@@ -115,7 +115,10 @@ def worker_main(conn, spec: SlotSpec, ring_names: list[str], ring: SlotRing | No
                 parent_pid: int) -> None:
     """Worker process entry point. `ring` is the parent's (inherited by fork) or None (attach by name)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which shuts us down
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # SIGTERM sent to the whole process group (a scheduler's preemption) must not kill us under a
+    # rank that is finishing its step and checkpointing: the parent shuts us down (or we notice
+    # it died); SIGKILL still ends us.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(1)
     try:
         import torch

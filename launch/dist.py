@@ -271,7 +271,12 @@ def _signal_all(procs: Sequence[subprocess.Popen], sig: int, include_finished: b
     for p in procs:
         if include_finished or p.poll() is None:
             try:
-                os.killpg(p.pid, sig)  # the rank and its data-loader workers
+                if sig == signal.SIGKILL:
+                    os.killpg(p.pid, sig)  # the rank and its data-loader workers
+                else:
+                    # A graceful stop goes to the rank alone: it finishes its step, checkpoints and
+                    # shuts its loader workers down itself (they would die mid-step otherwise).
+                    os.kill(p.pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -141,6 +142,13 @@ def test_sigterm_makes_every_rank_checkpoint_the_same_iteration_and_exit_cleanly
     assert state["meta"]["world_size"] == 2 and len(state["rng"]) == 2
     assert [s["next_batch"] for s in state["loader"]] == [it, it]  # both ranks stopped at the same step
     assert f"stopped by SIGTERM at iteration {it}" in text
+    # `--resume auto` picks that checkpoint up and carries on from the next iteration.
+    again = run(TINY + ["--iters", str(it + 2), "--ckpt-interval", "4000", "--nproc", "2", "--opt-level", "O2",
+                        "--sync-bn", "--work-dir", str(tmp_path), "--resume", "auto"], timeout=180)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert f"resumed from {tmp_path / ckpts[0]} at iteration {it}" in again.stdout
+    train, _ = train_records(str(tmp_path))
+    assert {it + 1, it + 2} <= set(train)
 
 
 def test_a_failing_rank_brings_the_job_down_with_a_nonzero_exit(tmp_path):
@@ -158,3 +166,35 @@ def test_too_many_non_finite_steps_stop_the_run(tmp_path):
     proc = run(TINY + ["--iters", "30", "--lr", "1e30", "--max-nonfinite", "3", "--work-dir", str(tmp_path)])
     assert proc.returncode != 0
     assert "3 consecutive steps had a non-finite loss or gradient" in proc.stderr
+
+
+def test_sigterm_to_the_whole_process_group_still_stops_cleanly(tmp_path):
+    # What a scheduler's preemption does (srun, a container stop): the rank AND its loader workers
+    # get SIGTERM. The workers must outlive the step so the rank can finish it and checkpoint.
+    args = TINY + ["--iters", "5000", "--ckpt-interval", "4000", "--workers", "2", "--work-dir", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen([sys.executable, RUN, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if " iter 3/5000" in line:
+                break
+        # The worst order a group signal can arrive in: the workers get it a few steps before the rank.
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) >= 2
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None and all(w.is_running() for w in workers)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(seen) + out
+    assert proc.returncode == 0, text[-3000:]
+    assert "stopped by SIGTERM" in text
+    assert [f for f in os.listdir(tmp_path) if f.startswith("iter_")]
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"dlt_{proc.pid}_")]
