@@ -1,5 +1,5 @@
-"""label_lookup, label_histogram, normalize and confusion_matrix: C++ against the reference and
-against independent numpy/torch formulas."""
+"""label_lookup, label_histogram and confusion_matrix: C++ against the reference and against
+independent numpy/torch formulas (normalize has its own file, test_kernels_normalize.py)."""
 import os
 import secrets
 
@@ -10,9 +10,6 @@ import torch
 import kernels
 from kernels import ops
 from kernels import reference as ref
-
-MEAN = (123.675, 116.28, 103.53)
-STD = (58.395, 57.12, 57.375)
 
 
 @pytest.fixture
@@ -74,52 +71,6 @@ def test_histogram_other_ignore_index(rng):
     got = ops.label_histogram(label, ignore_index=2)
     assert got[2] == 0 and got.sum() == (label != 2).sum()
     np.testing.assert_array_equal(ops.label_histogram(label, ignore_index=-1), np.bincount(label.ravel(), minlength=256))
-
-
-# --- normalize ---------------------------------------------------------------------------------
-
-def torch_normalize(img, to_rgb, dtype):
-    """The usual torch formulation, independent of kernels.reference."""
-    x = torch.as_tensor(img)
-    x = x[..., [2, 1, 0]] if to_rgb else x
-    x = x.movedim(-1, -3).float()
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    return ((x - mean) / std).to(dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 1, 3), (5, 7, 3), (2, 9, 33, 3), (1, 64, 100, 3)])
-@pytest.mark.parametrize("to_rgb", [True, False])
-def test_normalize_matches_torch_bitwise(rng, dtype, shape, to_rgb):
-    img = rng.integers(0, 256, shape, dtype=np.uint8)
-    img.reshape(-1, 3)[0] = 0
-    img.reshape(-1, 3)[-1] = 255
-    got = ops.normalize(img, MEAN, STD, to_rgb=to_rgb, dtype=dtype)
-    want = torch_normalize(img, to_rgb, dtype)
-    assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
-    assert torch.equal(got, want)
-    assert torch.equal(got, ref.normalize(img, MEAN, STD, to_rgb=to_rgb, dtype=dtype))
-
-
-def test_normalize_bf16_rounds_every_byte_like_torch():
-    # All 256 values per channel, with a mean/std pair that puts many results on bf16 ties.
-    img = np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(1, 256, 3)
-    for mean, std in [(MEAN, STD), ((0.0, 0.5, 128.0), (1.0, 3.0, 0.125))]:
-        got = ops.normalize(img, mean, std, to_rgb=False, dtype=torch.bfloat16)
-        x = torch.as_tensor(img).movedim(-1, -3).float()
-        want = ((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)).to(torch.bfloat16)
-        assert torch.equal(got, want)
-
-
-def test_normalize_torch_input_out_buffer_and_threads(rng):
-    img = torch.from_numpy(rng.integers(0, 256, (3, 40, 50, 3), dtype=np.uint8))
-    want = torch_normalize(img.numpy(), True, torch.float32)
-    out = torch.empty((3, 3, 40, 50))
-    assert ops.normalize(img, MEAN, STD, out=out) is out
-    assert torch.equal(out, want)
-    for n in (1, 2, 5):
-        assert torch.equal(ops.normalize(img, MEAN, STD, num_threads=n), want)
 
 
 # --- confusion_matrix --------------------------------------------------------------------------

@@ -39,6 +39,29 @@ def run(args, env_extra=None, timeout=240):
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def start_until(args, marker):
+    """run.py started in its own session, returned once its output shows `marker`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen([sys.executable, RUN, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            break
+    return proc, seen
+
+
+def finish(proc, seen, timeout=120):
+    """All output of a started run.py once it exits; killed (whole session) if it does not."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return "".join(seen) + out
+
+
 def train_records(work_dir):
     with open(os.path.join(work_dir, "log.jsonl")) as fh:
         recs = [json.loads(line) for line in fh]
@@ -118,21 +141,9 @@ def test_sigterm_makes_every_rank_checkpoint_the_same_iteration_and_exit_cleanly
     # O2 + SyncBN on purpose: the same run also covers bf16 DDP with fp32 masters and CPU SyncBN.
     args = TINY + ["--iters", "5000", "--ckpt-interval", "4000", "--nproc", "2", "--opt-level", "O2", "--sync-bn",
                    "--work-dir", str(tmp_path)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    proc = subprocess.Popen([sys.executable, RUN, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    seen = []
-    try:
-        for line in proc.stdout:  # wait until training runs
-            seen.append(line)
-            if " iter 3/5000" in line:
-                break
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = "".join(seen) + out
+    proc, seen = start_until(args, " iter 3/5000")  # training runs
+    proc.send_signal(signal.SIGTERM)
+    text = finish(proc, seen)
     assert proc.returncode == 0, text[-3000:]
     ckpts = [f for f in os.listdir(tmp_path) if f.startswith("iter_")]
     assert len(ckpts) == 1, ckpts
@@ -172,15 +183,8 @@ def test_sigterm_to_the_whole_process_group_still_stops_cleanly(tmp_path):
     # What a scheduler's preemption does (srun, a container stop): the rank AND its loader workers
     # get SIGTERM. The workers must outlive the step so the rank can finish it and checkpoint.
     args = TINY + ["--iters", "5000", "--ckpt-interval", "4000", "--workers", "2", "--work-dir", str(tmp_path)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    proc = subprocess.Popen([sys.executable, RUN, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    seen = []
+    proc, seen = start_until(args, " iter 3/5000")
     try:
-        for line in proc.stdout:
-            seen.append(line)
-            if " iter 3/5000" in line:
-                break
         # The worst order a group signal can arrive in: the workers get it a few steps before the rank.
         workers = psutil.Process(proc.pid).children()
         assert len(workers) >= 2
@@ -189,11 +193,8 @@ def test_sigterm_to_the_whole_process_group_still_stops_cleanly(tmp_path):
         time.sleep(0.5)
         assert proc.poll() is None and all(w.is_running() for w in workers)
         os.killpg(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = "".join(seen) + out
+        text = finish(proc, seen)
     assert proc.returncode == 0, text[-3000:]
     assert "stopped by SIGTERM" in text
     assert [f for f in os.listdir(tmp_path) if f.startswith("iter_")]

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from blocks_data import blocks_dataset
 from core import build_model
 from core.amp import Amp
 from core.engine import train_one_step
@@ -16,24 +17,6 @@ from core.sync_bn import CpuSyncBatchNorm, convert_sync_batchnorm
 
 STEPS = 10
 CROP = 64
-
-
-def blocks_dataset(n, h=CROP, w=CROP, num_classes=5, seed=0):
-    """Coloured rectangles on noise; the label is the rectangle's class (255 = a few ignored pixels)."""
-    g = np.random.default_rng(seed)
-    imgs = np.zeros((n, h, w, 3), np.uint8)
-    labels = np.zeros((n, h, w), np.uint8)
-    colors = g.integers(0, 256, (num_classes, 3))
-    for i in range(n):
-        for _ in range(6):
-            c = g.integers(0, num_classes)
-            y, x = g.integers(0, h - 8), g.integers(0, w - 8)
-            hh, ww = g.integers(8, h // 2, 2)
-            imgs[i, y:y + hh, x:x + ww] = colors[c]
-            labels[i, y:y + hh, x:x + ww] = c
-    imgs = np.clip(imgs + g.normal(0, 10, imgs.shape), 0, 255).astype(np.uint8)
-    labels[g.random(labels.shape) < 0.05] = 255
-    return torch.from_numpy(imgs), torch.from_numpy(labels)
 
 
 def tiny_model(sync_bn=False):
