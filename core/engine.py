@@ -36,16 +36,17 @@ def to_model_input(image: torch.Tensor, device: torch.device, dtype: torch.dtype
     """uint8 BGR [B,H,W,3] on the host -> normalised RGB [B,3,H,W] `dtype` on `device`.
 
     The uint8 batch crosses to the device (4x fewer bytes than float) and is normalised there.
-    On the CPU the fused kernel ops.normalize does it in one pass.
+    On the CPU the fused kernel ops.normalize does it in one pass, writing channels_last memory
+    directly when asked (no second full-size copy).
     """
     if image.dtype != torch.uint8 or image.ndim != 4 or image.shape[-1] != 3:
         raise ValueError(f"expected a uint8 [B,H,W,3] image batch, got {image.dtype} {tuple(image.shape)}")
     if device.type == "cpu":
         from kernels import ops
         out_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-        x = ops.normalize(image, MEAN_RGB, STD_RGB, to_rgb=True, dtype=out_dtype)
-        x = x.to(dtype)  # no-op unless float16 was asked for
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        x = ops.normalize(image, MEAN_RGB, STD_RGB, to_rgb=True, dtype=out_dtype, memory_format=memory_format)
+        return x.to(dtype)  # no-op unless float16 was asked for (keeps the memory format)
     return normalize_with_torch(image.to(device, non_blocking=True), dtype, channels_last)
 
 

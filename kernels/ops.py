@@ -81,19 +81,26 @@ def photometric(img: np.ndarray, brightness_delta: float | None = None, contrast
 
 
 def normalize(img, mean, std, to_rgb: bool = True, dtype: torch.dtype = torch.float32,
-              out: torch.Tensor | None = None, num_threads: int | None = None) -> torch.Tensor:
-    """uint8 [B,H,W,3] / [H,W,3] (numpy or CPU tensor) -> [B,3,H,W] / [3,H,W] float32 or bfloat16."""
+              out: torch.Tensor | None = None, num_threads: int | None = None,
+              memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 [B,H,W,3] / [H,W,3] (numpy or CPU tensor) -> [B,3,H,W] / [3,H,W] float32 or bfloat16.
+
+    memory_format=torch.channels_last (batched img only) writes the [B,3,H,W] result in NHWC
+    memory, as a channels_last model wants it, in the same single pass (same values). out, if
+    given, must be contiguous in that memory format.
+    """
     if reference_enabled():
-        return _ref.normalize(img, mean, std, to_rgb, dtype, out, num_threads)
+        return _ref.normalize(img, mean, std, to_rgb, dtype, out, num_threads, memory_format)
     lib = _lib()
-    t, mean3, std3, to_rgb, shape = _ref.check_normalize_args(img, mean, std, to_rgb, dtype, out)
+    t, mean3, std3, to_rgb, shape = _ref.check_normalize_args(img, mean, std, to_rgb, dtype, out, memory_format)
     threads = _ref.check_num_threads(num_threads)
     if out is None:
-        out = torch.empty(shape, dtype=dtype)
-    # The C++ side sees plain numpy buffers: bfloat16 travels as its 16-bit pattern.
+        out = torch.empty(shape, dtype=dtype, memory_format=memory_format)
+    # The C++ side sees plain numpy views: bfloat16 travels as its 16-bit pattern, and a
+    # channels_last tensor as an [B,3,H,W] array with NHWC strides (which is how it is written).
     out_view = out.view(torch.int16).numpy() if dtype == torch.bfloat16 else out.numpy()
     batched_in = t.numpy().reshape((-1,) + tuple(t.shape[-3:]))
-    batched_out = out_view.reshape((-1, 3) + tuple(t.shape[-3:-1]))
+    batched_out = out_view if out_view.ndim == 4 else out_view[None]
     lib.normalize(batched_in, mean3, std3, to_rgb, dtype == torch.bfloat16, batched_out, threads)
     return out
 

@@ -334,7 +334,10 @@ def as_uint8_image_tensor(img) -> torch.Tensor:
     return t
 
 
-def check_normalize_args(img, mean, std, to_rgb, dtype, out):
+_MEMORY_FORMATS = {torch.contiguous_format: "torch.contiguous_format", torch.channels_last: "torch.channels_last"}
+
+
+def check_normalize_args(img, mean, std, to_rgb, dtype, out, memory_format=torch.contiguous_format):
     t = as_uint8_image_tensor(img)
     mean3 = _three_floats(mean, "mean")
     std3 = _three_floats(std, "std")
@@ -343,18 +346,30 @@ def check_normalize_args(img, mean, std, to_rgb, dtype, out):
     to_rgb = check_flag(to_rgb, "to_rgb")
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if not isinstance(memory_format, torch.memory_format) or memory_format not in _MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be torch.contiguous_format or torch.channels_last, got {memory_format!r}")
+    if memory_format == torch.channels_last and t.dim() != 4:
+        raise ValueError(f"memory_format=torch.channels_last needs a batched img [B,H,W,3], got shape "
+                         f"{tuple(t.shape)}")
     shape = tuple(t.shape[:-3]) + (3,) + tuple(t.shape[-3:-1])
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-        if out.device.type != "cpu" or out.dtype != dtype or tuple(out.shape) != shape or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous CPU {dtype} tensor of shape {shape}, got "
-                             f"{out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})")
+        layout = _MEMORY_FORMATS[memory_format]
+        if (out.device.type != "cpu" or out.dtype != dtype or tuple(out.shape) != shape
+                or not out.is_contiguous(memory_format=memory_format)):
+            hint = ("" if out.dim() != 4 or memory_format == torch.channels_last
+                    or not out.is_contiguous(memory_format=torch.channels_last)
+                    else "; for a channels_last out pass memory_format=torch.channels_last")
+            raise ValueError(f"out must be a CPU {dtype} tensor of shape {shape}, contiguous in memory_format="
+                             f"{layout}, got {out.dtype} {tuple(out.shape)} on {out.device} with strides "
+                             f"{tuple(out.stride())}{hint}")
     return t, mean3, std3, to_rgb, shape
 
 
-def normalize(img, mean, std, to_rgb=True, dtype=torch.float32, out=None, num_threads=None):
-    t, mean3, std3, to_rgb, _ = check_normalize_args(img, mean, std, to_rgb, dtype, out)
+def normalize(img, mean, std, to_rgb=True, dtype=torch.float32, out=None, num_threads=None,
+              memory_format=torch.contiguous_format):
+    t, mean3, std3, to_rgb, _ = check_normalize_args(img, mean, std, to_rgb, dtype, out, memory_format)
     check_num_threads(num_threads)
     x = t.flip(-1) if to_rgb else t
     x = x.movedim(-1, -3).to(torch.float32)
@@ -362,7 +377,7 @@ def normalize(img, mean, std, to_rgb=True, dtype=torch.float32, out=None, num_th
     s = torch.tensor(std3, dtype=torch.float32).view(3, 1, 1)
     y = ((x - m) / s).to(dtype)
     if out is None:
-        return y.contiguous()
+        return y.contiguous(memory_format=memory_format)
     out.copy_(y)
     return out
 

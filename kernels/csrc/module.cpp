@@ -36,7 +36,9 @@ PYBIND11_MODULE(_C, m) {
           "num_threads"_a = 1,
           "out[n,c,y,x] = (img[n,y,x,c'] - mean[c]) / std[c] in float32 (c' = 2-c if to_rgb else c) for\n"
           "uint8 img [N,H,W,3]; out is float32 [N,3,H,W], or int16/uint16 [N,3,H,W] receiving bfloat16\n"
-          "bits (round to nearest even, as torch) if bfloat16. Parallel over image rows.");
+          "bits (round to nearest even, as torch) if bfloat16. out is either C-contiguous (NCHW planes)\n"
+          "or has NHWC strides (a torch channels_last tensor's numpy view), and is written in that\n"
+          "memory order. Must not overlap img. Parallel over image rows (NCHW) or pixels (NHWC).");
 
     m.def("label_lookup", &kernels::label_lookup, "label"_a, "table"_a, "out"_a = py::none(), "num_threads"_a = 1,
           "out[i] = table[label[i]] for a C-contiguous uint8 label of any shape and a uint8 table of\n"
