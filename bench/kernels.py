@@ -28,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from kernels import ops  # noqa: E402
-from kernels import reference as ref  # noqa: E402
 
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 FRAME_HW = (1024, 2048)  # Cityscapes

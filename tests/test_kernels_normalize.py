@@ -1,7 +1,5 @@
 """ops.normalize: the C++ kernel against an independent torch formula and kernels.reference, in
 both output memory formats (NCHW planes and channels_last / NHWC), float32 and bfloat16."""
-import os
-import secrets
 
 import numpy as np
 import pytest
@@ -11,25 +9,12 @@ import kernels
 from kernels import _C, ops
 from kernels import reference as ref
 
+pytestmark = pytest.mark.usefixtures("cpp_backend")  # C++ path unless a test says otherwise
+
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 CL = torch.channels_last
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("KERNELS_TEST_SEED", secrets.randbits(32)))
-    print(f"random seed {seed} (rerun with KERNELS_TEST_SEED={seed})")
-    return np.random.default_rng(seed)
-
-
-@pytest.fixture(autouse=True)
-def cpp_backend():
-    previous = kernels.reference_enabled()
-    kernels.use_reference(False)
-    yield
-    kernels.use_reference(previous)
 
 
 @pytest.fixture(params=["cpp", "reference"])

@@ -1,12 +1,9 @@
 """kernels.ops.photometric against a transcription of mmseg's PhotoMetricDistortion (numpy + cv2)."""
-import os
-import secrets
 
 import cv2
 import numpy as np
 import pytest
 
-import kernels
 from kernels import _C, ops
 from kernels import reference as ref
 
@@ -25,19 +22,9 @@ CV2_USES_FMA = cpu_has_avx2_fma()
 TOLERANCE_VS_CV2 = 0 if CV2_USES_FMA else 1
 
 
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("KERNELS_TEST_SEED", secrets.randbits(32)))
-    print(f"random seed {seed} (rerun with KERNELS_TEST_SEED={seed})")
-    return np.random.default_rng(seed)
-
-
 @pytest.fixture(autouse=True)
-def cpp_backend():
-    previous = kernels.reference_enabled()
-    kernels.use_reference(False)
+def vector_hsv_after_each_test(cpp_backend):
     yield
-    kernels.use_reference(previous)
     _C._force_scalar_hsv(False)
 
 

@@ -1,28 +1,12 @@
 """kernels.ops.fill_polygons against Pillow's ImageDraw.polygon (the reference calls Pillow itself)."""
-import os
-import secrets
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-import kernels
 from kernels import ops
 
-
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("KERNELS_TEST_SEED", secrets.randbits(32)))
-    print(f"random seed {seed} (rerun with KERNELS_TEST_SEED={seed})")
-    return np.random.default_rng(seed)
-
-
-@pytest.fixture(autouse=True)
-def cpp_backend():
-    previous = kernels.reference_enabled()
-    kernels.use_reference(False)
-    yield
-    kernels.use_reference(previous)
+pytestmark = pytest.mark.usefixtures("cpp_backend")  # C++ path unless a test says otherwise
 
 
 def pillow_fill(canvas, polygons, values):

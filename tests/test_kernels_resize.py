@@ -1,29 +1,13 @@
 """kernels.ops.resize_crop: C++ against the numpy reference and both against cv2.resize + crop + flip."""
-import os
-import secrets
 
 import cv2
 import numpy as np
 import pytest
 
-import kernels
 from kernels import ops
 from kernels import reference as ref
 
-
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("KERNELS_TEST_SEED", secrets.randbits(32)))
-    print(f"random seed {seed} (rerun with KERNELS_TEST_SEED={seed})")
-    return np.random.default_rng(seed)
-
-
-@pytest.fixture(autouse=True)
-def cpp_backend():
-    previous = kernels.reference_enabled()
-    kernels.use_reference(False)
-    yield
-    kernels.use_reference(previous)
+pytestmark = pytest.mark.usefixtures("cpp_backend")  # C++ path unless a test says otherwise
 
 
 def cv2_resize_crop(src, out_size, crop, flip, interp):

@@ -1,30 +1,14 @@
 """label_lookup, label_histogram and confusion_matrix: C++ against the reference and against
 independent numpy/torch formulas (normalize has its own file, test_kernels_normalize.py)."""
-import os
-import secrets
 
 import numpy as np
 import pytest
 import torch
 
-import kernels
 from kernels import ops
 from kernels import reference as ref
 
-
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("KERNELS_TEST_SEED", secrets.randbits(32)))
-    print(f"random seed {seed} (rerun with KERNELS_TEST_SEED={seed})")
-    return np.random.default_rng(seed)
-
-
-@pytest.fixture(autouse=True)
-def cpp_backend():
-    previous = kernels.reference_enabled()
-    kernels.use_reference(False)
-    yield
-    kernels.use_reference(previous)
+pytestmark = pytest.mark.usefixtures("cpp_backend")  # C++ path unless a test says otherwise
 
 
 # --- label_lookup ------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 
 from core import build_model
 from core.device import Device, get_device
-from core.pretrained import load_backbone, load_model_checkpoint
+from core.pretrained import load_model_checkpoint
 
 
 def _randomized(sd):
