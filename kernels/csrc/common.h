@@ -93,6 +93,25 @@ inline bool overlaps(const py::array& a, const py::array& b) {
     return a0 < b1 && b0 < a1;
 }
 
+// The uint8 result array: a new one of `shape`, or the caller's `out` after checking its dtype,
+// layout, shape and aliasing with the input `src`. With in_place_ok, out may be src itself (the
+// op reads every element before writing it); any other overlap is an error.
+inline py::array uint8_output(const py::object& out_obj, const std::vector<py::ssize_t>& shape,
+                              const py::array& src, const char* src_name, bool in_place_ok) {
+    if (out_obj.is_none()) return py::array_t<uint8_t>(shape);
+    py::array out = as_array(out_obj, "out");
+    require_uint8(out, "out");
+    require_contiguous(out, "out");
+    require_writeable(out, "out");
+    require_shape(out, "out", shape);
+    if (overlaps(out, src)) {
+        if (!in_place_ok) throw py::value_error(std::string("out must not overlap ") + src_name);
+        if (out.data() != src.data())
+            throw py::value_error(std::string("out must be ") + src_name + " itself or not overlap it");
+    }
+    return out;
+}
+
 inline void require_threads(int num_threads) {
     if (num_threads < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
 }

@@ -80,19 +80,7 @@ py::array label_lookup(const py::object& label_obj, const py::object& table_obj,
     require_threads(num_threads);
 
     std::vector<py::ssize_t> shape(label.shape(), label.shape() + label.ndim());
-    py::array out;
-    if (out_obj.is_none()) {
-        out = py::array_t<uint8_t>(shape);
-    } else {
-        out = as_array(out_obj, "out");
-        require_uint8(out, "out");
-        require_contiguous(out, "out");
-        require_writeable(out, "out");
-        require_shape(out, "out", shape);
-        // out == label (in place) is fine: each element is read before it is written.
-        if (overlaps(out, label) && out.data() != label.data())
-            throw py::value_error("out must be label itself or not overlap it");
-    }
+    py::array out = uint8_output(out_obj, shape, label, "label", /*in_place_ok=*/true);
 
     const uint8_t* src = static_cast<const uint8_t*>(label.data());
     uint8_t* dst = static_cast<uint8_t*>(out.mutable_data());

@@ -123,19 +123,7 @@ py::array photometric(const py::object& img_obj, std::optional<double> brightnes
     }
 
     std::vector<py::ssize_t> shape = {img.shape(0), img.shape(1), 3};
-    py::array out;
-    if (out_obj.is_none()) {
-        out = py::array_t<uint8_t>(shape);
-    } else {
-        out = as_array(out_obj, "out");
-        require_uint8(out, "out");
-        require_contiguous(out, "out");
-        require_writeable(out, "out");
-        require_shape(out, "out", shape);
-        // In place (out is img) is fine: every pixel is read before it is written.
-        if (overlaps(out, img) && out.data() != img.data())
-            throw py::value_error("out must be img itself or not overlap it");
-    }
+    py::array out = uint8_output(out_obj, shape, img, "img", /*in_place_ok=*/true);
     const uint8_t* src = static_cast<const uint8_t*>(img.data());
     uint8_t* dst = static_cast<uint8_t*>(out.mutable_data());
     const int64_t rows = img.shape(0), width = img.shape(1);

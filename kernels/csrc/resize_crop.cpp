@@ -232,17 +232,7 @@ py::array resize_crop(const py::object& src_obj, int64_t out_h, int64_t out_w, i
 
     std::vector<py::ssize_t> shape = {h, w};
     if (src.ndim() == 3) shape.push_back(channels);
-    py::array out;
-    if (out_obj.is_none()) {
-        out = py::array_t<uint8_t>(shape);
-    } else {
-        out = as_array(out_obj, "out");
-        require_uint8(out, "out");
-        require_contiguous(out, "out");
-        require_writeable(out, "out");
-        require_shape(out, "out", shape);
-        if (overlaps(out, src)) throw py::value_error("out must not overlap src");
-    }
+    py::array out = uint8_output(out_obj, shape, src, "src", /*in_place_ok=*/false);
     const uint8_t* s = static_cast<const uint8_t*>(src.data());
     uint8_t* o = static_cast<uint8_t*>(out.mutable_data());
     {
