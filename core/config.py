@@ -36,6 +36,8 @@ class TrainConfig:
                      "recipe; auto: demo without --data, cityscapes with it", ["auto", "demo", "cityscapes"])
     config: Optional[str] = _f(None, "YAML file whose keys (field names) fill the defaults")
     data: Optional[str] = _f(None, "dataset root in Cityscapes layout (default: the embedded synthetic set)")
+    pack: Optional[str] = _f(None, "read train and val from a pre-decoded pack (python -m data_loader.pack ROOT "
+                             "writes ROOT/pack) instead of decoding PNGs; a stale or corrupt pack is an error")
     work_dir: Optional[str] = _f(None, "output directory (default: work_dirs/<preset and model>)")
     device: str = _f("auto", "auto = cuda if available, else cpu", ["auto", "cpu", "cuda", "npu"])
     eval_only: bool = _f(False, "only evaluate --checkpoint (or the newest one in --work-dir)")

@@ -59,7 +59,7 @@ def build_loader(cfg: TrainConfig, data_root: str, env: dist.DistEnv, batch_size
     return build_train_loader(data_root, "train", batch_size, crop=cfg.crop, scale=cfg.scale,
                               ratio_range=cfg.ratio_range, cat_max_ratio=cfg.cat_max_ratio,
                               workers=cfg.workers, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                              pin_memory=device.type == "cuda", timeout=cfg.dist_timeout)
+                              pin_memory=device.type == "cuda", pack=cfg.pack, timeout=cfg.dist_timeout)
 
 
 def run_evaluation(cfg: TrainConfig, model, amp: Amp, device, env: dist.DistEnv, data_root: str):
@@ -67,7 +67,8 @@ def run_evaluation(cfg: TrainConfig, model, amp: Amp, device, env: dist.DistEnv,
     from data_loader.cityscapes import CLASSES
     from data_loader.loader import build_val_loader
     loader = build_val_loader(data_root, "val", workers=min(cfg.workers, 2), rank=env.rank,
-                              world_size=env.world_size, scale=cfg.eval_scale, timeout=cfg.dist_timeout)
+                              world_size=env.world_size, scale=cfg.eval_scale, pack=cfg.pack,
+                              timeout=cfg.dist_timeout)
     try:
         matrix = evaluate(model, loader, device.torch_device, amp, cfg.num_classes, cfg.ignore_index,
                           mode=cfg.eval_mode, tile=cfg.eval_tile or cfg.crop, stride=cfg.eval_stride,

@@ -199,3 +199,20 @@ def test_sigterm_to_the_whole_process_group_still_stops_cleanly(tmp_path):
     assert "stopped by SIGTERM" in text
     assert [f for f in os.listdir(tmp_path) if f.startswith("iter_")]
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"dlt_{proc.pid}_")]
+
+
+def test_training_from_a_pack_matches_training_from_png(tmp_path):
+    from data_loader.synthetic import default_dataset
+    root = default_dataset()
+    pack = tmp_path / "pack"
+    made = subprocess.run([sys.executable, "-m", "data_loader.pack", root, "--out", str(pack), "--nproc", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert made.returncode == 0, made.stderr[-2000:]
+    args = TINY + ["--iters", "3", "--ckpt-interval", "1000"]
+    png = run(args + ["--work-dir", str(tmp_path / "png")])
+    packed = run(args + ["--work-dir", str(tmp_path / "packed"), "--pack", str(pack)])
+    assert png.returncode == 0 and packed.returncode == 0, png.stderr[-2000:] + packed.stderr[-2000:]
+    losses = [{k: v["loss"] for k, v in train_records(str(tmp_path / d))[0].items()} for d in ("png", "packed")]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+    stale = run(args + ["--work-dir", str(tmp_path / "stale"), "--pack", str(tmp_path / "nopack")])
+    assert stale.returncode != 0 and "nopack" in stale.stderr
