@@ -181,7 +181,10 @@ class ShmLoader:
         while self._free and (self.num_batches is None or self._submitted < self.num_batches):
             slot = self._free.popleft()
             worker = self._submitted % self.workers
-            conns[worker].send((self._submitted, slot, self.plan(self._submitted)))
+            try:
+                conns[worker].send((self._submitted, slot, self.plan(self._submitted)))
+            except (BrokenPipeError, ConnectionResetError):
+                self._raise_dead(worker)  # the clear error, not the pipe's
             self._inflight.append((self._submitted, slot, worker))
             self._submitted += 1
 

@@ -115,6 +115,19 @@ def test_a_killed_worker_makes_the_iterator_raise_within_seconds(root):
     assert not any(alive(p) for p in loader.worker_pids)
 
 
+def test_workers_dead_before_the_next_request_give_the_clear_error(root):
+    # Handing a task to a dead worker fails on its pipe first: that too must be LoaderWorkerError.
+    loader = build_train_loader(root, **OPTS)
+    batches = iter(loader)
+    next(batches)
+    for pid in loader.worker_pids:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not any(alive(p) for p in loader.worker_pids), 5)
+    with pytest.raises(LoaderWorkerError, match="died unexpectedly"):
+        for _ in range(100):
+            next(batches)
+
+
 def test_garbage_collection_of_the_loader_releases_everything(root):
     loader = build_train_loader(root, **OPTS)
     next(iter(loader))
