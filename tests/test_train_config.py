@@ -7,7 +7,7 @@ from core.config import TrainConfig, from_dict, parse_config, save_yaml, to_dict
 def test_no_arguments_is_the_demo_preset():
     cfg = parse_config([])
     assert cfg.preset == "demo" and cfg.data is None
-    assert cfg.backbone == "r18" and cfg.iters < 1000 and cfg.work_dir.endswith("demo")
+    assert cfg.backbone == "r18" and cfg.iters < 2000 and cfg.work_dir.endswith("demo")
 
 
 def test_data_selects_the_full_cityscapes_recipe():
