@@ -82,11 +82,9 @@ class Amp:
             if self.level.keep_bn_fp32:
                 for m in model.modules():
                     if isinstance(m, _BatchNorm):
+                        # Every BN here (torch's, PoolBatchNorm2d, CpuSyncBatchNorm) returns its
+                        # input's dtype with fp32 parameters, as apex's O2 BN does.
                         m.float()
-                        # fp32 BN parameters must not promote the activations back to fp32 (a BN
-                        # that computes x_hat * weight + bias itself would); apex casts BN outputs
-                        # back to the input's type the same way.
-                        m.register_forward_hook(_output_like_input)
         for p in model.parameters():
             if self.level.master_weights and p.dtype != torch.float32:
                 master = nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad)
@@ -155,10 +153,6 @@ class Amp:
     def load_state_dict(self, state: Dict) -> None:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-
-
-def _output_like_input(module, inputs, output):
-    return output.to(inputs[0].dtype)
 
 
 def describe(level: str, dtype: Optional[torch.dtype]) -> str:

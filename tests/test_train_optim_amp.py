@@ -167,3 +167,15 @@ def test_o2_trains_with_one_image_per_process():
     opt = build_sgd(amp.optim_params, 0.01)
     result = train_one_step(model, images, labels, amp, opt, seg_loss, CPU)
     assert not result.skipped and np.isfinite(result.loss)
+
+
+def test_o2_trains_at_batch_1_with_bn_kept_fp32():
+    # Batch 1 sends the ASPP image-pool BN down its one-value path; with fp32 BN parameters and
+    # bf16 activations every BN must hand the next (bf16) conv a bf16 tensor.
+    images, labels = blocks_dataset(1)
+    model = tiny_model()
+    amp = Amp("O2", "cpu", torch.bfloat16)
+    amp.prepare(model)
+    opt = build_sgd(amp.optim_params, 0.01)
+    result = train_one_step(model, images, labels, amp, opt, seg_loss, CPU)
+    assert not result.skipped and np.isfinite(result.loss)
