@@ -13,6 +13,11 @@ cat_max_ratio 0.75, flip, photometric distortion):
   project-pack   the same from the pre-decoded pack (built into a temp folder if --pack is absent).
   decode ceiling PNG image + label decoding only, in as many parallel processes as workers
                  (OpenCV and the project's decoder): no loader that decodes PNGs can beat it.
+  start methods  this loader with workers started by fork / forkserver (the default) / spawn, each
+                 in a fresh process: seconds from build_train_loader() to the first batch, for the
+                 first loader of the process and for a second one, and the steady rate after that.
+                 (fork is measured from a parent whose thread pools are idle, the only case where
+                 it is safe; the loader never picks it itself: data_loader/processes.py.)
 Rates are steady state: the clock starts when the first batch arrives (worker start-up excluded).
 The machine may be shared, so every pipeline is measured --rounds times, interleaved, and the
 best round is reported.
@@ -22,8 +27,9 @@ data_loader.synthetic.default_dataset). Every worker and both pipelines use one 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +44,7 @@ import torch  # noqa: E402
 from data_loader.cityscapes import CityscapesIndex  # noqa: E402
 from data_loader.decode import pyspng, read_image_rgb, read_label  # noqa: E402
 from data_loader.loader import build_train_loader  # noqa: E402
+from data_loader.processes import get_context  # noqa: E402
 from data_loader.reference_pipeline import normalize_chw, reference_train_sample  # noqa: E402
 from data_loader.transforms import TrainTransformConfig  # noqa: E402
 
@@ -55,6 +62,7 @@ class BenchConfig:
     only: str | None
     seed: int
     rounds: int
+    probe_start_method: str | None = None
 
 
 class ReferenceDataset(torch.utils.data.Dataset):
@@ -94,7 +102,8 @@ def reference_rate(cfg: BenchConfig, samples) -> float:
     loader = torch.utils.data.DataLoader(
         ReferenceDataset(samples, cfg.seed), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
         num_workers=cfg.workers, worker_init_fn=_single_thread_worker, persistent_workers=cfg.workers > 0,
-        prefetch_factor=2 if cfg.workers > 0 else None)
+        prefetch_factor=2 if cfg.workers > 0 else None,
+        multiprocessing_context=get_context(None) if cfg.workers > 0 else None)
 
     def endless():
         while True:
@@ -125,11 +134,41 @@ def _decode_chunk(args) -> None:
 def decode_ceiling(samples, processes: int, count: int, use_opencv: bool) -> float:
     """Image + label pairs decoded per second by `processes` parallel processes, nothing else."""
     processes = max(processes, 1)
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
+    with get_context(None).Pool(processes) as pool:
         pool.map(_decode_chunk, [(samples, 0, 1, use_opencv)] * processes)  # warm up
         start = time.perf_counter()
         pool.map(_decode_chunk, [(samples, p * count, count, use_opencv) for p in range(processes)], chunksize=1)
         return processes * count / (time.perf_counter() - start)
+
+
+def probe_start_method(cfg: BenchConfig, method: str) -> dict:
+    """In this (fresh) process: start-up of a first and a second loader, then the steady rate."""
+    first_batch = []
+    rate = 0.0
+    for attempt in range(2):
+        t0 = time.perf_counter()
+        with build_train_loader(cfg.data, "train", cfg.batch_size, crop=CROP, scale=SCALE, workers=cfg.workers,
+                                seed=cfg.seed, start_method=method) as loader:
+            batches = iter(loader)
+            next(batches)
+            first_batch.append(time.perf_counter() - t0)
+            if attempt == 1:
+                rate = measure(batches, cfg.batch_size, cfg.images)
+    return {"method": method, "first_loader_s": first_batch[0], "second_loader_s": first_batch[1],
+            "images_per_s": rate}
+
+
+def start_method_costs(cfg: BenchConfig, methods=("fork", "forkserver", "spawn")) -> list:
+    rows = []
+    for method in methods:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--data", cfg.data, "--workers",
+                              str(cfg.workers), "--batch-size", str(cfg.batch_size), "--images", str(cfg.images),
+                              "--seed", str(cfg.seed), "--probe-start-method", method],
+                             capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"start-method probe {method} failed:\n{out.stderr[-2000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
 
 
 def parse_args(argv=None) -> BenchConfig:
@@ -139,7 +178,8 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--images", type=int, default=40, help="images measured per pipeline")
-    p.add_argument("--only", choices=("project", "reference"), default=None)
+    p.add_argument("--only", choices=("project", "reference", "startup"), default=None)
+    p.add_argument("--probe-start-method", default=None, help=argparse.SUPPRESS)  # internal: one probe
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=2, help="interleaved measurements per pipeline (best is kept)")
     return BenchConfig(**vars(p.parse_args(argv)))
@@ -154,6 +194,11 @@ def main(argv=None) -> int:
 
         cfg.data = default_dataset(num_train=8, num_val=0, size=(2048, 1024))
         print(f"data: synthetic 2048x1024 set at {cfg.data}")
+    if cfg.probe_start_method:
+        print(json.dumps(probe_start_method(cfg, cfg.probe_start_method)))
+        return 0
+    if cfg.only == "startup":
+        cfg.only = "startup-only"
     samples = CityscapesIndex(cfg.data, "train").samples
     print(f"{len(samples)} train images, workers={cfg.workers}, batch={cfg.batch_size}, {cfg.images} images "
           f"per pipeline, crop {CROP[0]}x{CROP[1]}, decoder {'pyspng' if pyspng else 'OpenCV'}")
@@ -162,6 +207,14 @@ def main(argv=None) -> int:
     def keep_best(name, rate):
         rates[name] = max(rates.get(name, 0.0), rate)
 
+    if cfg.only in (None, "startup-only"):
+        print("\nworker start method (each in a fresh process; seconds to the first batch, then steady rate):")
+        print("| start method | first loader s | second loader s | images/s |\n|---|---:|---:|---:|")
+        for row in start_method_costs(cfg):
+            print(f"| {row['method']} | {row['first_loader_s']:.2f} | {row['second_loader_s']:.2f} | "
+                  f"{row['images_per_s']:.2f} |")
+        if cfg.only == "startup-only":
+            return 0
     pack, tmp = cfg.pack, None
     if cfg.only in (None, "project") and pack is None:
         from data_loader.pack import write_pack

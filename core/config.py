@@ -100,6 +100,14 @@ class TrainConfig:
     peak_tflops: float = _f(0.0, "peak TFLOP/s per process for MFU (0: measure with a matmul benchmark)")
     tensorboard: bool = _f(True, "write TensorBoard events when the tensorboard package is installed")
     seed: int = _f(0, "random seed (rank r uses seed + r)")
+    cache_dir: Optional[str] = _f(None, "cache for the generated synthetic set and the measured peak FLOP/s "
+                                  "(default: $DEEPLAB_CACHE, else $XDG_CACHE_HOME/deeplab-trainer, else "
+                                  "~/.cache/deeplab-trainer)")
+    measure_peak: bool = _f(False, "measure the peak FLOP/s behind MFU again now (replacing the cached value)")
+    # data loader waits (data_loader/loader.py)
+    loader_timeout: float = _f(120.0, "seconds a rank waits for a batch before the worker filling it is declared "
+                               "stuck (the error shows its Python stack); keep it well below --dist-timeout")
+    loader_start_timeout: float = _f(300.0, "the same for a loader's first batch, which includes starting its workers")
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -203,6 +211,9 @@ def validate(cfg: TrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ["loader_timeout", "loader_start_timeout"]:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(cfg, name)}")
     for name in ["batch_size", "workers", "eval_interval", "threads", "eval_max_images", "peak_tflops"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")

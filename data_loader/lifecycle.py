@@ -15,6 +15,7 @@ its parent is gone, unlinks the ring's segments by name and exits; the Python re
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 
@@ -23,12 +24,13 @@ _handler_installed = False
 
 
 class LoaderResources:
-    def __init__(self, ring, processes, conns, pinned=()):
+    def __init__(self, ring, processes, conns, pinned=(), stack_dir=None):
         self.owner_pid = os.getpid()
         self.ring = ring
         self.processes = list(processes)
         self.conns = list(conns)
         self.pinned = list(pinned)  # data pointers registered with cudaHostRegister
+        self.stack_dir = stack_dir  # where workers dump their stacks on SIGUSR1
         self.closed = False
         _LIVE.add(self)
 
@@ -61,6 +63,8 @@ class LoaderResources:
             self.pinned = []
         if self.ring is not None:
             self.ring.close()
+        if self.stack_dir is not None:
+            shutil.rmtree(self.stack_dir, ignore_errors=True)
 
 
 def _on_sigterm(signum, frame) -> None:

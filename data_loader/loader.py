@@ -10,29 +10,50 @@ Batch k is assigned to worker k % workers, so batches arrive in order and their 
 only on (seed, rank, world_size, k), never on the number of workers (workers=0 runs the same
 code in-process). A slot is handed back when the next batch is requested or on
 batch.release(): copy what you need (e.g. to the device) before asking for the next batch.
+
+Workers start from a clean fork server, never as forks of this process (data_loader.processes
+says why). Waiting is bounded: a worker that gives no batch for `timeout` seconds
+(`start_timeout` for the first batch, which includes starting the workers) is declared stuck,
+and the error names it, the samples it was given and its Python stack. While the first batch is
+awaited a line says so every few seconds. `interrupt()` (e.g. "a stop signal arrived") ends a
+wait: at once with LoaderInterrupted, or after `interrupt_grace` seconds if the batch has not
+come by then (a rank of a multi-process job must still finish its step with the others).
 """
 from __future__ import annotations
 
-import multiprocessing
+import sys
 import time
 import warnings
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
+from typing import Callable
 
 import torch
 
 from .cityscapes import CityscapesIndex, DatasetError
 from .lifecycle import LoaderResources, describe_exit, install_sigterm_handler
+from .processes import dump_stack, start_workers
 from .sampler import SampleTask, ShardedStream, val_shard
 from .shm_ring import SlotRing, SlotSpec
 from .transforms import TrainTransformConfig
-from .worker import PngSource, TrainFiller, ValFiller, fill_batch, worker_main
+from .worker import PngSource, TrainFiller, ValFiller, fill_batch
+
+POLL_SECONDS = 0.2  # how often a wait checks for dead workers, interrupts and deadlines
+FIRST_BATCH_NOTICE_AFTER = 5.0  # seconds before "waiting for the first batch" is printed ...
+FIRST_BATCH_NOTICE_EVERY = 30.0  # ... and then how often
+DEFAULT_TIMEOUT = 120.0  # no batch for this long: the worker is stuck (much less than a collective's 600 s)
+DEFAULT_START_TIMEOUT = 300.0  # the same for the first batch, which includes starting the workers
 
 
 class LoaderWorkerError(RuntimeError):
     """A worker process died or stopped answering; the loader has been shut down."""
+
+
+class LoaderInterrupted(Exception):
+    """interrupt() became true while waiting for a batch. The loader is intact: the same batch
+    is what the next `next()` returns, and state_dict() still points at it."""
 
 
 @dataclass
@@ -75,11 +96,19 @@ class ShmLoader:
 
     def __init__(self, source, filler, plan, spec: SlotSpec, num_batches: int | None, workers: int = 2,
                  prefetch: int = 2, pin_memory: bool = False, start_method: str | None = None,
-                 timeout: float | None = None, state_keys: dict | None = None):
+                 timeout: float | None = DEFAULT_TIMEOUT, state_keys: dict | None = None,
+                 start_timeout: float | None = DEFAULT_START_TIMEOUT, interrupt: Callable[[], bool] | None = None,
+                 interrupt_grace: float = 0.0, log: Callable[[str], None] | None = None):
         if workers < 0 or prefetch < 1:
             raise ValueError(f"workers={workers}, prefetch={prefetch}: expected workers >= 0 and prefetch >= 1")
+        for name, value in (("timeout", timeout), ("start_timeout", start_timeout)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}={value}: expected seconds > 0, or None for no limit")
         self.source, self.filler, self.plan, self.spec = source, filler, plan, spec
         self.num_batches, self.workers, self.timeout = num_batches, workers, timeout
+        self.start_timeout, self.interrupt, self.interrupt_grace = start_timeout, interrupt, interrupt_grace
+        self._log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self._received_any = False
         self.state_keys = dict(state_keys or {})
         self._next = 0  # next batch index handed out
         self._submitted = 0
@@ -96,17 +125,12 @@ class ShmLoader:
         ring = SlotRing(spec, workers * prefetch + 1)
         self._resources = LoaderResources(ring, [], [])
         self._finalizer = weakref.finalize(self, self._resources.shutdown)
-        ctx = multiprocessing.get_context(start_method or ("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"))
-        inherit = ctx.get_start_method() == "fork"
-        parent_pid = multiprocessing.current_process().pid
-        for _ in range(workers):
-            parent_conn, child_conn = ctx.Pipe(duplex=True)
-            proc = ctx.Process(target=worker_main, daemon=True, args=(
-                child_conn, spec, ring.names, ring if inherit else None, source, filler, parent_pid))
-            proc.start()
-            child_conn.close()
-            self._resources.processes.append(proc)
-            self._resources.conns.append(parent_conn)
+        self._started = time.monotonic()
+        try:
+            start_workers(self._resources, ring, spec, source, filler, workers, start_method)
+        except BaseException:
+            self.close()
+            raise
         self._free = deque(range(len(ring.names)))
         self._tensors = [tuple(torch.from_numpy(a) for a in views) for views in ring.views]
         if pin_memory and torch.cuda.is_available():
@@ -153,12 +177,13 @@ class ShmLoader:
                 slot = 0
             else:
                 self._submit()
-                index, slot, worker = self._inflight.popleft()
-                reply = self._receive(worker)
+                index, slot, worker = self._inflight[0]
+                reply = self._receive(worker, index)
+                self._inflight.popleft()  # only now: an interrupted wait leaves the pipeline intact
                 if reply[0] != "ok":
                     self._raise_worker_error(reply)
                 metas = reply[3]
-        except StopIteration:
+        except (StopIteration, LoaderInterrupted):
             raise
         except BaseException:
             self.close()  # a half-received pipeline cannot be resumed; never leak the segments
@@ -188,23 +213,58 @@ class ShmLoader:
             self._inflight.append((self._submitted, slot, worker))
             self._submitted += 1
 
-    def _receive(self, worker: int):
+    def _receive(self, worker: int, index: int):
         conn = self._resources.conns[worker]
         procs = self._resources.processes
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        first = not self._received_any
+        limit = self.start_timeout if first else self.timeout
+        start = self._started if first else time.monotonic()
+        deadline = None if limit is None else start + limit
+        notice = start + FIRST_BATCH_NOTICE_AFTER if first else None
+        interrupted = False
         while True:
-            ready = wait([conn] + [p.sentinel for p in procs], timeout=1.0)
+            ready = wait([conn] + [p.sentinel for p in procs], timeout=POLL_SECONDS)
             if conn in ready:
                 try:
-                    return conn.recv()
+                    reply = conn.recv()
                 except (EOFError, OSError):
                     self._raise_dead(worker)
+                self._received_any = True
+                return reply
             for i, proc in enumerate(procs):
                 if proc.exitcode is not None:
                     self._raise_dead(i)
-            if deadline is not None and time.monotonic() > deadline:
-                self.close()
-                raise LoaderWorkerError(f"data loader worker {worker} gave no batch within timeout={self.timeout}s")
+            now = time.monotonic()
+            if not interrupted and self.interrupt is not None and self.interrupt():
+                if self.interrupt_grace <= 0:
+                    raise LoaderInterrupted(f"interrupted while waiting for batch {index} (worker {worker})")
+                interrupted = True
+                grace_end = now + self.interrupt_grace
+                deadline = grace_end if deadline is None else min(deadline, grace_end)
+            if notice is not None and now >= notice:
+                limit_txt = f"; a worker is declared stuck after {limit:g} s" if limit else ""
+                self._log(f"[loader] waiting for the first batch from {self.workers} worker process(es): "
+                          f"{now - start:.0f} s so far{limit_txt}")
+                notice += FIRST_BATCH_NOTICE_EVERY
+            if deadline is not None and now > deadline:
+                self._raise_stuck(worker, index, now - start, first, interrupted)
+
+    def _raise_stuck(self, worker: int, index: int, waited: float, first: bool, interrupted: bool):
+        proc = self._resources.processes[worker]
+        stack = dump_stack(self._resources, worker)
+        try:
+            files = "; ".join(" / ".join(self.source.paths(t.index)) for t in self.plan(index))
+        except Exception as e:  # the report must not fail on a broken source
+            files = f"(unknown: {e})"
+        why = (f"a stop was requested and the batch did not come within {self.interrupt_grace:g} s" if interrupted
+               else f"timeout {self.timeout if not first else self.start_timeout:g} s"
+                    f"{' for the first batch, worker start-up included' if first else ''}")
+        self.close()
+        raise LoaderWorkerError(
+            f"data loader worker {worker} (pid {proc.pid}) gave no batch for {waited:.0f} s ({why}); it was "
+            f"filling batch {index} from {files}. The loader has been shut down and its shared memory "
+            f"released. Where the worker was (Python stack of each of its threads, most recent call first):\n"
+            f"{stack}")
 
     def _raise_dead(self, worker: int):
         proc = self._resources.processes[worker]
@@ -230,8 +290,9 @@ class ShmLoader:
     def _seek(self, k: int) -> None:
         self._release_held()
         while self._inflight:  # finish and discard what the workers are doing
-            _, slot, worker = self._inflight.popleft()
-            reply = self._receive(worker)
+            index, slot, worker = self._inflight[0]
+            reply = self._receive(worker, index)
+            self._inflight.popleft()
             self._free.append(slot)
             if reply[0] != "ok":
                 self._raise_worker_error(reply)
@@ -292,8 +353,11 @@ def build_train_loader(root: str, split: str = "train", batch_size: int = 2, cro
                        ratio_range=(0.5, 2.0), cat_max_ratio: float = 0.75, workers: int = 2, seed: int = 0,
                        rank: int = 0, world_size: int = 1, pin_memory: bool = False, pack: str | None = None,
                        flip_prob: float = 0.5, photometric: bool = True, prefetch: int = 2,
-                       start_method: str | None = None, timeout: float | None = None) -> ShmLoader:
-    """Infinite loader of augmented training batches: Batch.image uint8 [B,crop_h,crop_w,3] BGR."""
+                       **wait_options) -> ShmLoader:
+    """Infinite loader of augmented training batches: Batch.image uint8 [B,crop_h,crop_w,3] BGR.
+
+    wait_options go to ShmLoader: start_method, timeout, start_timeout, interrupt, interrupt_grace, log.
+    """
     cfg = TrainTransformConfig(crop_size=tuple(crop), scale=tuple(scale), ratio_range=tuple(ratio_range),
                                cat_max_ratio=cat_max_ratio, flip_prob=flip_prob, photometric=photometric)
     source = _train_source(root, split, pack)
@@ -301,12 +365,12 @@ def build_train_loader(root: str, split: str = "train", batch_size: int = 2, cro
     filler = TrainFiller(cfg, seed, num_threads=1 if workers > 0 else None)
     spec = SlotSpec(batch_size, cfg.crop_size[0], cfg.crop_size[1])
     keys = {"seed": seed, "rank": rank, "world_size": world_size, "batch_size": batch_size, "num_samples": len(source)}
-    return ShmLoader(source, filler, stream.batch, spec, None, workers, prefetch, pin_memory, start_method, timeout, keys)
+    return ShmLoader(source, filler, stream.batch, spec, None, workers, prefetch, pin_memory, state_keys=keys,
+                     **wait_options)
 
 
 def build_val_loader(root: str, split: str = "val", workers: int = 2, rank: int = 0, world_size: int = 1,
-                     scale=None, pack: str | None = None, pin_memory: bool = False,
-                     start_method: str | None = None, timeout: float | None = None) -> ShmLoader:
+                     scale=None, pack: str | None = None, pin_memory: bool = False, **wait_options) -> ShmLoader:
     """Finite loader, batch size 1, this rank's share of the split in order (no padding).
 
     Slots have the largest image / label size of the split; meta['valid_hw'] is the image's size
@@ -329,4 +393,4 @@ def build_val_loader(root: str, split: str = "val", workers: int = 2, rank: int 
     spec = SlotSpec(1, height, width)
     keys = {"rank": rank, "world_size": world_size, "num_samples": len(source)}
     plan = lambda k: [SampleTask(indices[k], -1)]  # noqa: E731
-    return ShmLoader(source, filler, plan, spec, len(indices), workers, 2, pin_memory, start_method, timeout, keys)
+    return ShmLoader(source, filler, plan, spec, len(indices), workers, 2, pin_memory, state_keys=keys, **wait_options)

@@ -243,9 +243,15 @@ def generate(root: str, num_train: int, num_val: int, size=(512, 256), seed: int
 
 
 def cache_root(cache_dir: str | None = None) -> str:
-    if cache_dir is not None:
+    """The project's cache directory: `cache_dir` if given, else $DEEPLAB_CACHE, else
+    $XDG_CACHE_HOME/deeplab-trainer, else ~/.cache/deeplab-trainer. Everything the project caches
+    (the synthetic sets, the measured peak FLOP/s) lives under it."""
+    if cache_dir:
         return cache_dir
-    return os.environ.get("DEEPLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "deeplab-trainer")
+    if os.environ.get("DEEPLAB_CACHE"):
+        return os.environ["DEEPLAB_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "deeplab-trainer")
 
 
 def default_dataset(cache_dir: str | None = None, **overrides) -> str:

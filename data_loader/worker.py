@@ -2,11 +2,18 @@
 
 A worker receives (batch id, slot, sample tasks) on its pipe, decodes and augments every sample
 straight into the slot's shared memory and answers (ok, metas) or (error, message). It exits on
-a None message, and on its own when the parent process is gone (os.getppid() changes or the pipe
-breaks): then it unlinks the ring's segments itself, because a SIGKILLed parent cannot.
+a None message, and on its own when the parent process is gone (the pipe breaks, or the parent's
+pid no longer names a live process): then it unlinks the ring's segments itself, because a
+SIGKILLed parent cannot. The parent is the rank that owns the loader, not necessarily the
+process that forked us (with the forkserver start method that is the fork server).
+
+SIGUSR1 makes a worker write the Python stack of all its threads to its stack file
+(faulthandler, which runs at the C level, so it answers even when the worker is blocked inside
+a C library): that is how the loader shows where a stuck worker is.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import traceback
@@ -111,9 +118,36 @@ def _orphaned(parent_pid: int, ring_names) -> None:
     os._exit(0)
 
 
+def parent_gone(pid: int) -> bool:
+    """True when `pid` no longer names a running process (gone, or a zombie not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by someone else (cannot happen for our parent, but harmless)
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state in (b"Z", b"X")
+    except (OSError, IndexError):  # no procfs (macOS): the pipe's EOF still tells us
+        return False
+
+
+def _enable_stack_dumps(stack_path: str | None):
+    """SIGUSR1 -> all threads' Python stacks appended to stack_path. Returns the open file (kept
+    open for the process's life: faulthandler writes to its descriptor from a signal handler)."""
+    if not stack_path:
+        return None
+    fh = open(stack_path, "a", encoding="utf-8")
+    faulthandler.register(signal.SIGUSR1, file=fh, all_threads=True, chain=False)
+    return fh
+
+
 def worker_main(conn, spec: SlotSpec, ring_names: list[str], ring: SlotRing | None, source, filler,
-                parent_pid: int) -> None:
+                parent_pid: int, stack_path: str | None = None) -> None:
     """Worker process entry point. `ring` is the parent's (inherited by fork) or None (attach by name)."""
+    stack_file = _enable_stack_dumps(stack_path)  # first: a hang in any line below can then be shown
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which shuts us down
     # SIGTERM sent to the whole process group (a scheduler's preemption) must not kill us under a
     # rank that is finishing its step and checkpointing: the parent shuts us down (or we notice
@@ -131,7 +165,7 @@ def worker_main(conn, spec: SlotSpec, ring_names: list[str], ring: SlotRing | No
     while True:
         try:
             if not conn.poll(PARENT_POLL_SECONDS):
-                if os.getppid() != parent_pid:
+                if parent_gone(parent_pid):
                     _orphaned(parent_pid, ring_names)
                 continue
             msg = conn.recv()
@@ -150,3 +184,6 @@ def worker_main(conn, spec: SlotSpec, ring_names: list[str], ring: SlotRing | No
         except (BrokenPipeError, OSError):
             _orphaned(parent_pid, ring_names)
     conn.close()
+    if stack_file is not None:
+        faulthandler.unregister(signal.SIGUSR1)
+        stack_file.close()

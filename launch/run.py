@@ -17,6 +17,7 @@ import functools
 import os
 import sys
 import time
+from typing import Optional
 
 # Run as a script from a checkout: make the repository importable even without `pip install -e .`.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,14 +35,17 @@ from core.engine import evaluate, train_one_step  # noqa: E402
 from core.logger import TrainLogger  # noqa: E402
 from core.losses import seg_loss  # noqa: E402
 from core.metrics import compute_metrics, format_table, save_json  # noqa: E402
-from core.mfu import count_train_step_flops, measure_peak_tflops  # noqa: E402
+from core.mfu import PEAK_CACHE_NAME, count_train_step_flops, measure_peak_tflops  # noqa: E402
 from core.optim import PolyLR, build_sgd  # noqa: E402
+from data_loader.loader import LoaderInterrupted  # noqa: E402
+from data_loader.synthetic import cache_root  # noqa: E402
 from launch import dist  # noqa: E402
 
 # Test hook: DEEPLAB_TEST_FAIL_AT="RANK:ITER" makes that rank raise after that iteration, so tests
 # can check that one failing rank brings the whole job down (see tests/test_launch_run.py).
 FAIL_AT_ENV = "DEEPLAB_TEST_FAIL_AT"
 ARCH_FIELDS = ("backbone", "output_stride", "num_classes", "base_channels")
+STOP_GRACE_S = 30.0  # after a stop signal, how long a rank of a multi-process job still waits for its batch
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
@@ -54,21 +58,34 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
                      aux_head=True, pretrained=cfg.pretrained, base_channels=cfg.base_channels)
 
 
-def build_loader(cfg: TrainConfig, data_root: str, env: dist.DistEnv, batch_size: int, device):
+def loader_waits(cfg: TrainConfig, env: dist.DistEnv, stop: Optional[dist.StopFlag]) -> dict:
+    """How long a rank waits for a batch, and what a stop signal does to that wait: one process
+    stops waiting at once (no step has started, so it checkpoints where it is); a rank of a
+    multi-process job gives the batch STOP_GRACE_S more seconds, because the others are inside
+    the step's collectives and the stop is agreed at its end (past that, the worker is stuck)."""
+    return dict(timeout=cfg.loader_timeout, start_timeout=cfg.loader_start_timeout,
+                interrupt=(lambda: stop.requested) if stop is not None else None,
+                interrupt_grace=STOP_GRACE_S if env.distributed else 0.0,
+                log=lambda text: print(f"[rank {env.rank}] {text}", file=sys.stderr, flush=True))
+
+
+def build_loader(cfg: TrainConfig, data_root: str, env: dist.DistEnv, batch_size: int, device,
+                 stop: Optional[dist.StopFlag] = None):
     from data_loader.loader import build_train_loader
     return build_train_loader(data_root, "train", batch_size, crop=cfg.crop, scale=cfg.scale,
                               ratio_range=cfg.ratio_range, cat_max_ratio=cfg.cat_max_ratio,
                               workers=cfg.workers, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                              pin_memory=device.type == "cuda", pack=cfg.pack, timeout=cfg.dist_timeout)
+                              pin_memory=device.type == "cuda", pack=cfg.pack, **loader_waits(cfg, env, stop))
 
 
-def run_evaluation(cfg: TrainConfig, model, amp: Amp, device, env: dist.DistEnv, data_root: str):
+def run_evaluation(cfg: TrainConfig, model, amp: Amp, device, env: dist.DistEnv, data_root: str,
+                   stop: Optional[dist.StopFlag] = None):
     """Confusion matrix over the val split (sharded over ranks, summed) -> metrics dict."""
     from data_loader.cityscapes import CLASSES
     from data_loader.loader import build_val_loader
     loader = build_val_loader(data_root, "val", workers=min(cfg.workers, 2), rank=env.rank,
                               world_size=env.world_size, scale=cfg.eval_scale, pack=cfg.pack,
-                              timeout=cfg.dist_timeout)
+                              **loader_waits(cfg, env, stop))
     try:
         matrix = evaluate(model, loader, device.torch_device, amp, cfg.num_classes, cfg.ignore_index,
                           mode=cfg.eval_mode, tile=cfg.eval_tile or cfg.crop, stride=cfg.eval_stride,
@@ -97,7 +114,17 @@ def checkpoint_state(cfg, iteration, model, amp, optimizer, schedule, loader, co
     }
 
 
-def train(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str) -> int:
+def save_checkpoint(cfg, env, log, iteration, model, amp, optimizer, schedule, loader, counters, device) -> None:
+    """Collective (every rank calls it); rank 0 writes iter_<iteration>.pt atomically."""
+    snapshot = checkpoint_state(cfg, iteration, model, amp, optimizer, schedule, loader, counters, device)
+    if env.is_main:
+        path = ckpt_io.checkpoint_path(cfg.work_dir, iteration)
+        ckpt_io.save_atomic(snapshot, path)
+        ckpt_io.prune_checkpoints(cfg.work_dir, cfg.keep_ckpts)
+        log.info(f"saved {path}")
+
+
+def train(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str, stop: dist.StopFlag) -> int:
     batch_size = per_process_batch(cfg, env.world_size)
     log = TrainLogger(cfg.work_dir, env.is_main, cfg.iters, batch_size * env.world_size,
                       tensorboard=cfg.tensorboard)
@@ -120,7 +147,7 @@ def train(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str) -> int:
     ddp_model = dist.wrap_ddp(model, device.torch_device) if env.distributed else model
     loss_fn = functools.partial(seg_loss, aux_weight=cfg.aux_weight, ignore_index=cfg.ignore_index,
                                 avg_non_ignore=cfg.loss_avg_non_ignore)
-    loader = build_loader(cfg, data_root, env, batch_size, device)
+    loader = build_loader(cfg, data_root, env, batch_size, device, stop)
 
     start_iter, counters = 0, {"skipped_total": 0, "skipped_in_row": 0}
     if state is not None:
@@ -139,7 +166,9 @@ def train(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str) -> int:
     if env.is_main:  # FLOPs and peak only feed rank 0's log line
         no_weights = dataclasses.replace(cfg, pretrained=None)  # the count runs on the meta device
         log.flops_per_step = count_train_step_flops(functools.partial(build_model, no_weights), batch_size, cfg.crop)
-        log.peak_tflops = cfg.peak_tflops or measure_peak_tflops(device.torch_device, amp.compute_dtype)
+        log.peak_tflops = cfg.peak_tflops or measure_peak_tflops(
+            device.torch_device, amp.compute_dtype, os.path.join(cache_root(cfg.cache_dir), PEAK_CACHE_NAME),
+            force=cfg.measure_peak, log=log.info)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(f"world {env.world_size} ({env.source}), device {device.torch_device}, "
              f"{torch.get_num_threads()} threads/rank, batch {batch_size}/rank, {describe(cfg.opt_level, amp.low_dtype)}, "
@@ -150,7 +179,6 @@ def train(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str) -> int:
         if same_world:  # last, so nothing above can consume random numbers after the restore
             ckpt_io.restore_rng(state["rng"][env.rank], device.module)
         del state
-    stop = dist.StopFlag().install()
     fail_at = _injected_failure(env.rank)
     loader_iter = iter(loader)
     iteration = start_iter
@@ -158,7 +186,13 @@ def train(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str) -> int:
         while iteration < cfg.iters:
             lr = schedule.set_iteration(iteration)
             t0 = time.perf_counter()
-            batch = next(loader_iter)
+            try:
+                batch = next(loader_iter)
+            except LoaderInterrupted:  # one process only (see loader_waits): no step has started
+                save_checkpoint(cfg, env, log, iteration, model, amp, optimizer, schedule, loader, counters, device)
+                log.info(f"stopped by {stop.signal_name} while waiting for a batch at iteration {iteration}; "
+                         f"continue with --resume auto --work-dir {cfg.work_dir}")
+                return 0
             t1 = time.perf_counter()
             result = train_one_step(ddp_model, batch.image, batch.label, amp, optimizer, loss_fn,
                                     device.torch_device, cfg.channels_last, stop.requested)
@@ -177,20 +211,18 @@ def train(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str) -> int:
             if iteration % cfg.log_interval == 0 or finished or result.stop:
                 log.log_train(iteration, device.max_memory_bytes())
             if iteration % cfg.ckpt_interval == 0 or finished or result.stop:
-                snapshot = checkpoint_state(cfg, iteration, model, amp, optimizer, schedule, loader, counters, device)
-                if env.is_main:
-                    path = ckpt_io.checkpoint_path(cfg.work_dir, iteration)
-                    ckpt_io.save_atomic(snapshot, path)
-                    ckpt_io.prune_checkpoints(cfg.work_dir, cfg.keep_ckpts)
-                    log.info(f"saved {path}")
-                del snapshot
+                save_checkpoint(cfg, env, log, iteration, model, amp, optimizer, schedule, loader, counters, device)
             if result.stop:
                 log.info(f"stopped by {stop.signal_name or 'a signal on another rank'} at iteration {iteration}; "
                          f"continue with --resume auto --work-dir {cfg.work_dir}")
                 return 0
             if (cfg.eval_interval and iteration % cfg.eval_interval == 0) or finished:
                 t = time.perf_counter()
-                metrics = run_evaluation(cfg, model, amp, device, env, data_root)
+                try:
+                    metrics = run_evaluation(cfg, model, amp, device, env, data_root, stop)
+                except LoaderInterrupted:  # the checkpoint of this iteration is written above or next
+                    log.info(f"evaluation at iteration {iteration} interrupted by {stop.signal_name}")
+                    continue
                 log.log_eval(iteration, metrics, format_table(metrics), time.perf_counter() - t)
                 if env.is_main:
                     save_json(metrics, os.path.join(cfg.work_dir, f"eval_iter_{iteration}.json"), iter=iteration)
@@ -231,6 +263,11 @@ def eval_only(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str) -> in
 def main(cfg: TrainConfig) -> int:
     """One rank: join the process group (if any), pick the device and threads, train or evaluate."""
     env = dist.detect_env() or dist.DistEnv()
+    if cfg.cache_dir:  # ranks, loader workers and tools started from here all use it
+        os.environ["DEEPLAB_CACHE"] = os.path.abspath(cfg.cache_dir)
+    # Installed first, before any loader exists: a signal during set-up is then a stop request
+    # too, and loaders (which only install a handler over the default action) leave it alone.
+    stop = dist.StopFlag().install() if not cfg.eval_only else None
     device_name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = get_device(device_name, env.local_rank)
     device.set_current()
@@ -240,7 +277,9 @@ def main(cfg: TrainConfig) -> int:
     try:
         seed_everything(cfg.seed + env.rank)
         data_root = resolve_data(cfg, env)
-        return (eval_only if cfg.eval_only else train)(cfg, env, device, data_root)
+        if cfg.eval_only:
+            return eval_only(cfg, env, device, data_root)
+        return train(cfg, env, device, data_root, stop)
     except BaseException as exc:
         if not isinstance(exc, SystemExit):
             print(f"[rank {env.rank}] failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)

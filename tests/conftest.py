@@ -23,3 +23,18 @@ def cpp_backend():
     kernels.use_reference(False)
     yield
     kernels.use_reference(previous)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def own_cache_dir(tmp_path_factory):
+    """Every test module starts with an empty cache directory of its own (the synthetic sets and
+    the measured peak FLOP/s go there, for this process and the subprocesses it starts), so no
+    test passes because an earlier run or another module left something behind. Within a module
+    a later test may find what an earlier one generated; each still passes alone."""
+    previous = os.environ.get("DEEPLAB_CACHE")
+    os.environ["DEEPLAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield os.environ["DEEPLAB_CACHE"]
+    if previous is None:
+        os.environ.pop("DEEPLAB_CACHE", None)
+    else:
+        os.environ["DEEPLAB_CACHE"] = previous

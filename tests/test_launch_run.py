@@ -3,6 +3,7 @@ it learns, resumes exactly, evaluates a checkpoint, stops cleanly on SIGTERM, an
 and loudly when a rank dies or the loss keeps going non-finite."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,3 +217,38 @@ def test_training_from_a_pack_matches_training_from_png(tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 3
     stale = run(args + ["--work-dir", str(tmp_path / "stale"), "--pack", str(tmp_path / "nopack")])
     assert stale.returncode != 0 and "nopack" in stale.stderr
+
+
+def test_sigterm_while_the_rank_waits_for_a_stuck_worker_ends_the_wait_and_checkpoints(tmp_path):
+    # The stall is real: the labels become FIFOs with no writer, so the worker blocks in open().
+    # Before, the rank printed "finishing this step" and waited for the loader's timeout.
+    from data_loader.cityscapes import CityscapesIndex
+    from data_loader.synthetic import generate
+    root = generate(str(tmp_path / "data"), num_train=4, num_val=1, size=(128, 64), seed=4)
+    args = TINY + ["--preset", "demo", "--data", root, "--crop", "32x64", "--scale", "128x64", "--iters", "1000",
+                   "--ckpt-interval", "1000", "--loader-timeout", "600", "--work-dir", str(tmp_path / "work")]
+    proc, seen = start_until(args, " iter 2/1000")
+    try:
+        labels = [label for _, label in CityscapesIndex(root, "train").samples]
+        originals = {}
+        for label in labels:
+            originals[label] = open(label, "rb").read()
+            os.unlink(label)
+            os.mkfifo(label)
+        time.sleep(3)  # the prefetched batches are used up: the rank now waits for the stuck worker
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        text = finish(proc, seen, timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        for label, data in originals.items():
+            os.unlink(label)
+            open(label, "wb").write(data)
+    assert proc.returncode == 0, text[-3000:]
+    assert elapsed < 20, f"the rank took {elapsed:.0f} s to stop"
+    it = int(re.search(r"stopped by SIGTERM while waiting for a batch at iteration (\d+)", text).group(1))
+    state = torch.load(tmp_path / "work" / f"iter_{it}.pt", weights_only=True)
+    assert state["meta"]["iteration"] == it and state["loader"][0]["next_batch"] == it
+    again = run(args[:-2] + ["--work-dir", str(tmp_path / "work"), "--iters", str(it + 2), "--resume", "auto"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"at iteration {it}" in again.stdout and f"iter {it + 2}/{it + 2}" in again.stdout
