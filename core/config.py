@@ -43,11 +43,14 @@ class TrainConfig:
     eval_only: bool = _f(False, "only evaluate --checkpoint (or the newest one in --work-dir)")
     checkpoint: Optional[str] = _f(None, "checkpoint to evaluate with --eval-only")
     # model
-    backbone: str = _f("r50", "ResNetV1c depth", ["r18", "r34", "r50", "r101"])
+    backbone: str = _f("r50", "ResNet depth with mmseg's V1c deep stem; -v1b: the 7x7 stem (torchvision layout)",
+                       ["r18", "r34", "r50", "r101", "r18-v1b", "r34-v1b", "r50-v1b", "r101-v1b"])
     output_stride: int = _f(8, "backbone output stride", [8, 16])
     num_classes: int = _f(19, "number of classes (19 for Cityscapes)")
     base_channels: int = _f(64, "width of the first ResNet stage (64 = the paper; smaller = tiny test models)")
     pretrained: Optional[str] = _f(None, "local ImageNet backbone checkpoint (mmcv or torchvision layout)")
+    load_from: Optional[str] = _f(None, "whole-model checkpoint to start training from (mmseg's load_from): ours or "
+                                  "an mmseg 0.x/1.x DeepLabV3 .pth; weights only, optimizer and schedule start fresh")
     sync_bn: bool = _f(False, "synchronise BatchNorm statistics across ranks (SyncBatchNorm)")
     channels_last: bool = _f(True, "run the model in channels_last memory format")
     # data
@@ -58,6 +61,7 @@ class TrainConfig:
     batch_size: int = _f(0, "images per process (0: global_batch / world size)")
     global_batch: int = _f(8, "images per iteration over all ranks, used when --batch-size is 0")
     workers: int = _f(4, "data loader worker processes per rank")
+    prefetch: int = _f(2, "batches each loader worker prepares ahead (shared-memory slots: workers x prefetch + 1)")
     # optimisation (mmseg schedule_40k + SGD)
     iters: int = _f(40000, "training iterations")
     lr: float = _f(0.01, "base learning rate")
@@ -83,9 +87,18 @@ class TrainConfig:
     master_addr: str = _f("127.0.0.1", "address of the rank-0 node")
     master_port: int = _f(0, "rendezvous port (0: a free port on one node, 29500 across nodes)")
     dist_timeout: float = _f(600.0, "seconds a collective may wait before the job fails")
-    kill_grace: float = _f(10.0, "seconds the launcher waits after SIGTERM before SIGKILL")
+    kill_grace: float = _f(60.0, "seconds the launcher gives the ranks to finish their step and checkpoint after "
+                           "SIGTERM (or after another rank failed) before SIGKILL")
+    max_restarts: int = _f(0, "restarts of the whole job after a rank fails (torch's elastic agent); a restarted "
+                           "job continues with --resume auto")
+    min_nnodes: int = _f(0, "with --rdzv-backend c10d: the job may (re)start with this many nodes (0: --nnodes)")
+    rdzv_backend: str = _f("c10d", "how the nodes find each other: c10d (a store on --master-addr:--master-port, "
+                           "node ranks assigned at rendezvous) or static (--node-rank given on each node)",
+                           ["c10d", "static"])
+    rdzv_id: str = _f("deeplab", "rendezvous id: the same on every node of one job, different between jobs")
     threads: int = _f(0, "intra-op CPU threads per process (0: cores / processes on this node)")
     # evaluation
+    evaluate: bool = _f(True, "evaluate every --eval-interval iterations and at the end (off: e.g. tuning runs)")
     eval_interval: int = _f(4000, "evaluate every N iterations (0: only at the end)")
     eval_mode: str = _f("whole", "whole image, or fixed tiles", ["whole", "slide"])
     eval_scale: Optional[Tuple[int, int]] = _f((2048, 1024), "resize val images to fit WxH (keep ratio)", pair=int)
@@ -93,6 +106,7 @@ class TrainConfig:
     eval_stride: Optional[Tuple[int, int]] = _f(None, "slide stride HxW (default: 2/3 of the tile)", pair=int)
     eval_max_images: int = _f(0, "evaluate at most N images (0: all)")
     # checkpoints and logs
+    checkpoints: bool = _f(True, "write checkpoints (off: e.g. tuning and benchmark runs)")
     ckpt_interval: int = _f(4000, "save a checkpoint every N iterations")
     keep_ckpts: int = _f(3, "keep the newest K checkpoints")
     resume: Optional[str] = _f(None, "'auto' (newest in --work-dir) or a checkpoint path")
@@ -128,13 +142,26 @@ def field_names() -> List[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """argparse mirror of TrainConfig. Flags not given are absent (SUPPRESS), so an explicit
-    `--eval-scale none` is told apart from "not given"."""
-    parser = argparse.ArgumentParser(
-        prog="launch/run.py", description="Train or evaluate DeepLabV3 (see README.md). Without --data: the demo preset.",
-        argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(TrainConfig):
+def build_parser(extra: Optional[type] = None, prog: str = "launch/run.py",
+                 description: str = "Train or evaluate DeepLabV3 (see README.md). Without --data: the demo preset."
+                 ) -> argparse.ArgumentParser:
+    """argparse mirror of TrainConfig, plus the fields of a tool's own options dataclass `extra`
+    (declared with the same `_f`), so trace/tune/bench take the trainer's flags unchanged and add
+    theirs. Flags not given are absent (SUPPRESS), so an explicit `--eval-scale none` is told
+    apart from "not given"."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    group = parser.add_argument_group("training (TrainConfig)") if extra is not None else parser
+    _add_fields(group, TrainConfig)
+    if extra is not None:
+        clash = set(field_names()) & {f.name for f in dataclasses.fields(extra)}
+        if clash:
+            raise ValueError(f"{extra.__name__} redefines TrainConfig fields {sorted(clash)}")
+        _add_fields(parser.add_argument_group(f"{prog} options"), extra)
+    return parser
+
+
+def _add_fields(parser, cls: type) -> None:
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
         default_txt = f" (default: {_fmt(f.default)})" if f.default is not dataclasses.MISSING else ""
@@ -147,13 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    """CLI (+ YAML) -> resolved TrainConfig. Errors name the flag or YAML key."""
-    parser = build_parser()
-    args = parser.parse_args(argv)  # unknown flags exit with argparse's usage error
-    given = vars(args)
+def parse_config(argv: Optional[Sequence[str]] = None, extra: Optional[type] = None, **parser_kwargs):
+    """CLI (+ YAML) -> resolved TrainConfig; with `extra`, (TrainConfig, extra(...)) from the same
+    command line. Errors name the flag or YAML key."""
+    parser = build_parser(extra, **parser_kwargs)
+    given = vars(parser.parse_args(argv))  # unknown flags exit with argparse's usage error
+    tool = {}
+    if extra is not None:
+        tool = {f.name: given.pop(f.name) for f in dataclasses.fields(extra) if f.name in given}
     from_yaml = load_yaml(given["config"]) if "config" in given else {}
-    return resolve(given, from_yaml)
+    cfg = resolve(given, from_yaml)
+    return cfg if extra is None else (cfg, extra(**tool))
 
 
 def resolve(cli: Dict[str, Any], from_yaml: Optional[Dict[str, Any]] = None) -> TrainConfig:
@@ -207,14 +238,15 @@ def load_yaml(path: str) -> Dict[str, Any]:
 
 def validate(cfg: TrainConfig) -> None:
     positive = ["iters", "num_classes", "base_channels", "nproc", "nnodes", "log_interval",
-                "ckpt_interval", "keep_ckpts", "max_nonfinite", "global_batch"]
+                "ckpt_interval", "keep_ckpts", "max_nonfinite", "global_batch", "prefetch"]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ["loader_timeout", "loader_start_timeout"]:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(cfg, name)}")
-    for name in ["batch_size", "workers", "eval_interval", "threads", "eval_max_images", "peak_tflops"]:
+    for name in ["batch_size", "workers", "eval_interval", "threads", "eval_max_images", "peak_tflops",
+                 "max_restarts", "min_nnodes", "kill_grace"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.node_rank < cfg.nnodes:
@@ -223,6 +255,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0; got lr={cfg.lr}, min_lr={cfg.min_lr}")
     if cfg.eval_only and cfg.resume:
         raise ValueError("--eval-only evaluates --checkpoint; --resume is for training")
+    if cfg.eval_only and cfg.load_from:
+        raise ValueError("--eval-only evaluates --checkpoint; --load-from is for training")
+    if cfg.min_nnodes > cfg.nnodes:
+        raise ValueError(f"--min-nnodes {cfg.min_nnodes} exceeds --nnodes {cfg.nnodes}")
     if cfg.ratio_range[0] <= 0 or cfg.ratio_range[0] > cfg.ratio_range[1]:
         raise ValueError(f"--ratio-range must be 0 < A <= B, got {cfg.ratio_range}")
 

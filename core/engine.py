@@ -12,10 +12,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from core.amp import Amp
+from core.distributed import all_reduce_sum_, collective_device, world_size
 from core.metrics import ConfusionMatrix
 
 # mmseg's Normalize for Cityscapes (RGB order, applied after the BGR->RGB swap).
@@ -33,11 +33,11 @@ class StepResult:
 
 def to_model_input(image: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32,
                    channels_last: bool = True) -> torch.Tensor:
-    """uint8 BGR [B,H,W,3] on the host -> normalised RGB [B,3,H,W] `dtype` on `device`.
+    """uint8 BGR [B,H,W,3] -> normalised RGB [B,3,H,W] `dtype` on `device`.
 
     The uint8 batch crosses to the device (4x fewer bytes than float) and is normalised there.
-    On the CPU the fused kernel ops.normalize does it in one pass, writing channels_last memory
-    directly when asked (no second full-size copy).
+    On the CPU the fused kernel ops.normalize does it in one pass straight from the loader's
+    shared-memory slot, writing channels_last memory directly when asked (no second copy).
     """
     if image.dtype != torch.uint8 or image.ndim != 4 or image.shape[-1] != 3:
         raise ValueError(f"expected a uint8 [B,H,W,3] image batch, got {image.dtype} {tuple(image.shape)}")
@@ -60,31 +60,47 @@ def normalize_with_torch(image: torch.Tensor, dtype: torch.dtype = torch.float32
     return x if channels_last else x.contiguous()
 
 
-def train_one_step(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, amp: Amp,
-                   optimizer: torch.optim.Optimizer, loss_fn: Callable, device: torch.device,
-                   channels_last: bool = True, stop_requested: bool = False) -> StepResult:
-    """Forward, fp32 loss, backward, agree across ranks, then step (or skip a non-finite step)."""
+def train_one_step(model: torch.nn.Module, batch, amp: Amp, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+                   device: torch.device, channels_last: bool = True, stop_requested: bool = False,
+                   timer: Optional[Callable[[str], None]] = None) -> StepResult:
+    """Forward, fp32 loss, backward, agree across ranks, then step (or skip a non-finite step).
+
+    `batch` is the loader's Batch: batch.to(device) gives the tensors (async copies from pinned
+    slots on accelerators, the slots themselves on the CPU) and batch.release() after the loss
+    hands the slot back, once nothing reads it any more (the loader knows when a copy is done).
+    `timer(phase)`, if given, is called at the end of each phase (profiling only; see
+    profiling/phases.py); without it the step has no extra synchronisation.
+    """
+    image, label = batch.to(device)
     x = to_model_input(image, device, amp.input_dtype, channels_last)
-    y = label.to(device, non_blocking=True)
+    if timer is not None:
+        timer("input")
     with amp.autocast():
         outputs = model(x)
-    loss, parts = loss_fn(outputs, y)
+    loss, parts = loss_fn(outputs, label)
+    batch.release()  # the input is normalised and the labels are in the loss: the slot may refill now
+    if timer is not None:
+        timer("forward")
     amp.backward(loss)
+    if timer is not None:
+        timer("backward")
     amp.unscale_(optimizer)
     bad = ~(torch.isfinite(loss.detach()) & amp.grads_finite().to(loss.device))
     names = sorted(parts)
     flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=loss.device),
                          loss.detach().float()] + [parts[k].detach().float() for k in names])
-    world = 1
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        world = dist.get_world_size()
-        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
-    values = flags.tolist()
+    world = world_size()
+    all_reduce_sum_(flags)
+    values = flags.tolist()  # the step's one host sync: every rank needs the verdict to continue
+    if timer is not None:
+        timer("communication")
     skipped, stop = values[0] > 0, values[1] > 0
     if not skipped:
         amp.step(optimizer)
     amp.update()
     amp.zero_grad(model, optimizer)
+    if timer is not None:
+        timer("optimizer")
     return StepResult(loss=values[2] / world, parts={k: v / world for k, v in zip(names, values[3:])},
                       skipped=skipped, stop=stop)
 
@@ -120,7 +136,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: Amp, num
             full_hw = tuple(batch.image.shape[1:3])
             vh, vw = _meta_hw(batch.meta, "valid_hw", full_hw)
             oh, ow = _meta_hw(batch.meta, "ori_hw", tuple(batch.label.shape[1:3]))
-            x = to_model_input(batch.image, device, amp.input_dtype, channels_last)
+            image, _ = batch.to(device)
+            x = to_model_input(image, device, amp.input_dtype, channels_last)
             with amp.autocast():
                 if mode == "whole":
                     logits = whole_inference(model, x, (vh, vw))[:, :, :vh, :vw]
@@ -130,11 +147,11 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: Amp, num
             if logits.shape[-2:] != (oh, ow):
                 logits = F.interpolate(logits.float(), size=(oh, ow), mode="bilinear", align_corners=False)
             pred = logits.argmax(dim=1).to(torch.uint8 if num_classes <= 255 else torch.int64)
-            # .cpu() waits for the device, so the loader slot is no longer read when it is recycled.
-            cm.update(pred[0].cpu(), batch.label[0, :oh, :ow])
+            cm.update(pred[0].cpu(), batch.label[0, :oh, :ow])  # the host label, read before release
+            batch.release()
     finally:
         model.train(was_training)
-    cm.all_reduce(device if (dist.is_initialized() and dist.get_backend() != "gloo") else None)
+    cm.all_reduce(collective_device(device))
     return cm.matrix
 
 

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from core.distributed import all_reduce_sum_, is_distributed
 
 
 class ConfusionMatrix:
@@ -37,11 +37,12 @@ class ConfusionMatrix:
                                             self.num_classes, ignore_index=self.ignore_index)
 
     def all_reduce(self, device: Optional[torch.device] = None) -> None:
-        """Sum the matrices of every rank (no-op without a process group)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        """Sum the matrices of every rank (no-op without a process group). `device`: where the
+        group's backend reduces (core.distributed.collective_device)."""
+        if not is_distributed():
             return
         t = torch.from_numpy(self.matrix).to(device or torch.device("cpu"))
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        all_reduce_sum_(t)
         self.matrix = t.cpu().numpy()
 
 

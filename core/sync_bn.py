@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from core.distributed import is_distributed
+
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
@@ -37,8 +39,7 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
                                 self.eps, momentum, group)
 
     def _syncs(self) -> bool:
-        return (self.training and self.track_running_stats and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(self.process_group or dist.group.WORLD) > 1)
+        return self.training and self.track_running_stats and is_distributed(self.process_group)
 
 
 class _CpuSyncBN(torch.autograd.Function):

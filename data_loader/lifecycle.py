@@ -2,25 +2,23 @@
 
 Every path out ends in LoaderResources.shutdown(): loader.close(), garbage collection of the
 loader (weakref.finalize), normal interpreter exit including an uncaught exception or Ctrl-C
-(finalize's atexit hook), an error raised by the loader, and SIGTERM: if SIGTERM still has its
-default action when the first loader starts, a handler is installed that shuts down every live
-loader and then re-raises SIGTERM with the default action (so the process still dies "by
-SIGTERM"). A launcher that installs its own SIGTERM handler must exit through normal Python
-shutdown (sys.exit / an exception) or call loader.close() itself.
+(finalize's atexit hook), and an error raised by the loader.
 
-SIGKILL of the main process runs no code: each worker polls os.getppid() (every 0.5 s) and, once
-its parent is gone, unlinks the ring's segments by name and exits; the Python resource tracker
-(which registered the segments) also unlinks whatever is left when its last client exits.
+Signals belong to the program's entry point, not to the loader (launch/run.py turns SIGTERM into
+"finish the step and checkpoint"; a loader installing its own handler would race with it). A
+process killed by a signal it does not handle, SIGKILL included, runs no code at all: then each
+worker notices that its parent is gone (its pipe reaches EOF, or the parent's pid no longer names
+a live process; checked every 0.5 s while idle), unlinks the ring's segments by name and exits.
+The Python resource tracker (which registered the segments) also unlinks whatever is left when
+its last client exits, and torch's elastic launcher wrapper (launch/dist.py) sweeps segments of
+ranks killed together with their workers.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import signal
-import threading
 
-_LIVE: set = set()  # LoaderResources not shut down yet, for the SIGTERM handler
-_handler_installed = False
 
 
 class LoaderResources:
@@ -32,13 +30,11 @@ class LoaderResources:
         self.pinned = list(pinned)  # data pointers registered with cudaHostRegister
         self.stack_dir = stack_dir  # where workers dump their stacks on SIGUSR1
         self.closed = False
-        _LIVE.add(self)
 
     def shutdown(self) -> None:
         if self.closed or os.getpid() != self.owner_pid:  # forked children never clean up for us
             return
         self.closed = True
-        _LIVE.discard(self)
         for conn in self.conns:
             try:
                 conn.send(None)
@@ -65,23 +61,6 @@ class LoaderResources:
             self.ring.close()
         if self.stack_dir is not None:
             shutil.rmtree(self.stack_dir, ignore_errors=True)
-
-
-def _on_sigterm(signum, frame) -> None:
-    for resources in list(_LIVE):
-        resources.shutdown()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def install_sigterm_handler() -> None:
-    """Install the cleanup-then-die SIGTERM handler once, only over the default action."""
-    global _handler_installed
-    if _handler_installed or threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    _handler_installed = True
 
 
 def describe_exit(exitcode) -> str:

@@ -33,9 +33,9 @@ from typing import Callable
 import torch
 
 from .cityscapes import CityscapesIndex, DatasetError
-from .lifecycle import LoaderResources, describe_exit, install_sigterm_handler
+from .lifecycle import LoaderResources, describe_exit
 from .processes import dump_stack, start_workers
-from .sampler import SampleTask, ShardedStream, val_shard
+from .sampler import GLOBAL_ORDER, SampleTask, ShardedStream, resume_batch, val_shard, with_global_position
 from .shm_ring import SlotRing, SlotSpec
 from .transforms import TrainTransformConfig
 from .worker import PngSource, TrainFiller, ValFiller, fill_batch
@@ -65,16 +65,22 @@ class Batch:
     _copy_event: object = field(default=None, repr=False)
 
     def to(self, device, non_blocking: bool = True):
-        """(image, label) on `device`; with pinned slots the copy is async and release() waits for it."""
+        """(image, label) on `device`. On the CPU these are the slot's own zero-copy views; on an
+        accelerator, copies (asynchronous from pinned slots: release() then waits for them). Either
+        way call release() once nothing reads the views any more: that is the slot contract."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.image, self.label
         image = self.image.to(device, non_blocking=non_blocking)
         label = self.label.to(device, non_blocking=non_blocking)
-        if non_blocking and torch.device(device).type == "cuda":
-            self._copy_event = torch.cuda.Event()
+        if non_blocking:
+            self._copy_event = torch.Event(device=device)
             self._copy_event.record()
         return image, label
 
     def release(self) -> None:
-        """Hand the slot back to the workers now (the tensors must not be used afterwards)."""
+        """Hand the slot back to the workers now (its views must not be used afterwards); waits
+        for copies made by to() to finish reading it first."""
         if self._copy_event is not None:
             self._copy_event.synchronize()
             self._copy_event = None
@@ -121,7 +127,6 @@ class ShmLoader:
             self._resources = None
             self._tensors = [tuple(torch.from_numpy(a) for a in self._local)]
             return
-        install_sigterm_handler()
         ring = SlotRing(spec, workers * prefetch + 1)
         self._resources = LoaderResources(ring, [], [])
         self._finalizer = weakref.finalize(self, self._resources.shutdown)
@@ -300,13 +305,18 @@ class ShmLoader:
 
     def state_dict(self) -> dict:
         """The position after the batches handed out so far (plus what must match on resume)."""
-        return {"next_batch": self._next, **self.state_keys}
+        return with_global_position({"next_batch": self._next, **self.state_keys})
 
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in self.state_keys.items():
-            if state.get(key) != value:
-                raise ValueError(f"loader state {key}={state.get(key)!r} does not match this loader's {value!r}")
-        k = state["next_batch"]
+    def load_state_dict(self, state) -> None:
+        """Continue from `state`. The training loader also takes the checkpoint's list of per-rank
+        states, and states of another world size / per-rank batch (sampler.resume_batch)."""
+        if self.state_keys.get("order") == GLOBAL_ORDER:
+            k = resume_batch(state, self.state_keys)
+        else:
+            for key, value in self.state_keys.items():
+                if state.get(key) != value:
+                    raise ValueError(f"loader state {key}={state.get(key)!r} does not match this loader's {value!r}")
+            k = state["next_batch"]
         if not isinstance(k, int) or k < 0 or (self.num_batches is not None and k > self.num_batches):
             raise ValueError(f"loader state next_batch={k!r}: expected an int in [0, {self.num_batches}]")
         if self.workers > 0:
@@ -364,7 +374,8 @@ def build_train_loader(root: str, split: str = "train", batch_size: int = 2, cro
     stream = ShardedStream(len(source), batch_size, seed, rank, world_size)
     filler = TrainFiller(cfg, seed, num_threads=1 if workers > 0 else None)
     spec = SlotSpec(batch_size, cfg.crop_size[0], cfg.crop_size[1])
-    keys = {"seed": seed, "rank": rank, "world_size": world_size, "batch_size": batch_size, "num_samples": len(source)}
+    keys = {"seed": seed, "rank": rank, "world_size": world_size, "batch_size": batch_size, "num_samples": len(source),
+            "order": GLOBAL_ORDER}
     return ShmLoader(source, filler, stream.batch, spec, None, workers, prefetch, pin_memory, state_keys=keys,
                      **wait_options)
 

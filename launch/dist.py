@@ -1,10 +1,11 @@
-"""Everything distributed, in one place: who am I (own launcher, torchrun or SLURM), process-group
-set-up with a timeout, CPU thread split, DDP/SyncBN wrapping, the small collectives the trainer
-needs, stop-on-signal handling, and the local launcher that spawns and watches the ranks.
+"""Setting ranks up and launching them: who am I (torch's elastic agent / torchrun, SLURM), the
+process group with a timeout, the CPU thread split, stop-on-signal, and the launcher, which is
+torch's elastic agent (torch.distributed.launcher) driven with this project's guarantees.
+In-rank helpers (collectives, DDP/SyncBN wrapping) are core/distributed.py's.
 
 How a process learns its rank, in order:
   1. RANK / WORLD_SIZE / LOCAL_RANK (/ LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) in the
-     environment: set by our own launcher below and by torchrun.
+     environment: set by the elastic agent (our launcher below) and by torchrun.
   2. SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID with SLURM_NTASKS > 1 (one srun task per
      process); the master is MASTER_ADDR or the first host of SLURM_JOB_NODELIST, the port
      MASTER_PORT or one derived from SLURM_JOB_ID.
@@ -15,15 +16,11 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
-import torch
 import torch.distributed as dist
 
 
@@ -111,59 +108,6 @@ def cpu_threads(requested: int, local_world_size: int) -> int:
     return max(1, cores // max(1, local_world_size))
 
 
-# ---- model wrapping --------------------------------------------------------------------------
-
-def convert_sync_bn(model: torch.nn.Module, device_type: str) -> torch.nn.Module:
-    """torch.nn.SyncBatchNorm on accelerators, core.sync_bn.CpuSyncBatchNorm (gloo) on the CPU."""
-    from core.sync_bn import convert_sync_batchnorm
-    return convert_sync_batchnorm(model, device_type)
-
-
-def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    device_ids = [device.index] if device.type != "cpu" and device.index is not None else None
-    # broadcast_buffers=False: BN buffers are either synced (SyncBN) or per-rank like mmseg's
-    # default; broadcasting them every forward would cost a collective per step.
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-# ---- small collectives (no-ops in a single process) ------------------------------------------
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def gather_to_main(obj: Any) -> Optional[List[Any]]:
-    """Every rank's `obj` as a list on rank 0 (None elsewhere); [obj] without a process group."""
-    if not is_distributed():
-        return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def broadcast_from_main(obj: Any) -> Any:
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 # ---- stopping on SIGINT / SIGTERM -------------------------------------------------------------
 
 class StopFlag:
@@ -188,97 +132,122 @@ class StopFlag:
               "then saving a checkpoint and exiting", flush=True)
 
 
-# ---- the local launcher ------------------------------------------------------------------------
+# ---- the launcher: torch's elastic agent ----------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def launch_elastic(script: str, argv: Sequence[str], cfg) -> int:
+    """Run this node's cfg.nproc ranks of `script argv` under torch's elastic agent; the job's exit code.
 
-
-def launch_local_workers(script: str, argv: Sequence[str], nproc: int, nnodes: int, node_rank: int,
-                         master_addr: str, master_port: int, threads: int, kill_grace: float) -> int:
-    """Start this node's `nproc` ranks of `script argv`, watch them, return the job's exit code.
-
-    When a rank exits non-zero the others are sent SIGTERM, then SIGKILL after `kill_grace`
-    seconds, and the launcher returns that rank's code. SIGINT/SIGTERM to the launcher is passed
-    on to every rank as one SIGTERM (each rank runs in its own session, so a terminal's Ctrl-C
-    reaches only the launcher and no rank sees two signals).
+    What the agent gives: rendezvous of several nodes (c10d or static), restarts of the whole
+    job (--max-restarts; a restarted rank continues with --resume auto, see run.main), per-rank
+    log files under <work_dir>/logs (also shown here, prefixed by the rank), and a report naming
+    the rank that failed first with its error (the rank's exception, recorded by @record).
+    What this wrapper keeps from the project's own launcher:
+      * SIGINT/SIGTERM to the launcher reach every rank as ONE SIGTERM to the rank alone (not its
+        process group: its loader workers must outlive the step), so each finishes its step, the
+        ranks agree to stop at the same iteration, rank 0 checkpoints, and everyone exits 0; the
+        job then ends 0 as well. A second signal kills the ranks and their workers at once.
+        (The agent's own handling would SIGTERM whole process groups and report a failure.)
+      * when a rank fails, the agent stops the others (SIGTERM, SIGKILL after --kill-grace s);
+      * no shared memory is left behind: segments of ranks that died without cleaning up (their
+        workers killed with them) are unlinked here by their owner's pid.
     """
-    if master_port == 0:
-        if nnodes > 1:
-            master_port = 29500
-        else:
-            master_port = free_port()
-    world = nnodes * nproc
-    per_proc_threads = cpu_threads(threads, nproc)
-    procs: List[subprocess.Popen] = []
-    for local_rank in range(nproc):
-        rank = node_rank * nproc + local_rank
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
-                   LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK=str(node_rank), MASTER_ADDR=master_addr,
-                   MASTER_PORT=str(master_port), OMP_NUM_THREADS=str(per_proc_threads))
-        procs.append(subprocess.Popen([sys.executable, script, *argv], env=env, start_new_session=True))
-    print(f"[launcher] started ranks {node_rank * nproc}..{node_rank * nproc + nproc - 1} of {world} "
-          f"(pids {', '.join(str(p.pid) for p in procs)}), master {master_addr}:{master_port}, "
-          f"{per_proc_threads} threads each", flush=True)
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    forwarded = {"done": False}
-
-    def forward(signum, frame):
-        if forwarded["done"]:
-            _signal_all(procs, signal.SIGKILL)
-            return
-        forwarded["done"] = True
-        print(f"[launcher] {signal.Signals(signum).name}: asking every rank to checkpoint and stop", flush=True)
-        _signal_all(procs, signal.SIGTERM)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    failed_code = 0
-    kill_at = None
+    threads = cpu_threads(cfg.threads, cfg.nproc)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the ranks inherit it (torch reads it at import)
+    if cfg.nnodes == 1:  # torchrun --standalone: a private store on a free local port
+        backend, endpoint, configs, run_id = "c10d", "localhost:0", {}, f"deeplab-{os.getpid()}"
+    else:
+        port = cfg.master_port or 29500
+        backend, endpoint, run_id = cfg.rdzv_backend, f"{cfg.master_addr}:{port}", cfg.rdzv_id
+        configs = {"rank": cfg.node_rank} if backend == "static" else {}
+    min_nodes = (cfg.min_nnodes or cfg.nnodes) if backend == "c10d" else cfg.nnodes
+    config = LaunchConfig(
+        min_nodes=min_nodes, max_nodes=cfg.nnodes, nproc_per_node=cfg.nproc, run_id=run_id,
+        rdzv_backend=backend, rdzv_endpoint=endpoint, rdzv_configs=configs, max_restarts=cfg.max_restarts,
+        monitor_interval=0.5, shutdown_timeout=int(cfg.kill_grace), log_line_prefix_template="[rank${rank}]:",
+        logs_specs=DefaultLogsSpecs(log_dir=os.path.join(cfg.work_dir, "logs"), tee=Std.ALL),
+        signals_to_handle="SIGHUP,SIGQUIT")  # SIGTERM/SIGINT are ours (see above)
+    ranks = _RankWatcher(script)
+    old = {s: signal.signal(s, ranks.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    print(f"[launcher] node {cfg.node_rank if backend == 'static' else '(assigned at rendezvous)'} of "
+          f"{cfg.nnodes}: {cfg.nproc} ranks with {threads} threads each, rendezvous {backend} at {endpoint}, "
+          f"up to {cfg.max_restarts} restarts, per-rank logs in {os.path.join(cfg.work_dir, 'logs')}", flush=True)
     try:
-        while True:
-            codes = [p.poll() for p in procs]
-            if failed_code == 0:
-                for local_rank, code in enumerate(codes):
-                    if code not in (None, 0):
-                        failed_code = code if code > 0 else 128 - code
-                        alive = [i for i, c in enumerate(codes) if c is None]
-                        print(f"[launcher] rank {node_rank * nproc + local_rank} exited with code {code}; "
-                              f"stopping the other ranks {alive} (SIGTERM, SIGKILL after {kill_grace:g}s)",
-                              file=sys.stderr, flush=True)
-                        _signal_all(procs, signal.SIGTERM)
-                        kill_at = time.monotonic() + kill_grace
-                        break
-            if all(c is not None for c in codes):
-                break
-            if kill_at is not None and time.monotonic() > kill_at:
-                _signal_all(procs, signal.SIGKILL)
-                kill_at = None
-            time.sleep(0.1)
+        elastic_launch(config, sys.executable)(script, *argv)
+        return 0
+    except ChildFailedError as exc:
+        for rank, failure in sorted(exc.failures.items()):
+            message = failure.message if isinstance(failure.message, str) else str(failure.message)
+            print(f"[launcher] rank {rank} (pid {failure.pid}) failed with exit code {failure.exitcode}: "
+                  f"{message.strip().splitlines()[-1] if message.strip() else '(no error recorded)'}",
+                  file=sys.stderr, flush=True)
+        code = exc.get_first_failure()[1].exitcode
+        print(f"[launcher] job failed (exit code {code})", file=sys.stderr, flush=True)
+        return code if isinstance(code, int) and code > 0 else 1
     finally:
+        ranks.stop()
         for s, handler in old.items():
             signal.signal(s, handler)
-        # Also reaches leftovers (e.g. loader workers) of ranks that already died: a process
-        # group id is not reused while the group has members.
-        _signal_all(procs, signal.SIGKILL, include_finished=True)
-    if failed_code:
-        print(f"[launcher] job failed (exit code {failed_code})", file=sys.stderr, flush=True)
-    return failed_code
+        ranks.release_shared_memory()
 
 
-def _signal_all(procs: Sequence[subprocess.Popen], sig: int, include_finished: bool = False) -> None:
-    for p in procs:
-        if include_finished or p.poll() is None:
+class _RankWatcher:
+    """The rank processes the agent started (our direct children running `script`): seen by a
+    background poll, so signals can be forwarded and their shared memory swept afterwards."""
+
+    def __init__(self, script: str, every_s: float = 0.5):
+        import threading
+        self.script, self.pids, self.signals = script, set(), 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _poll(self, every_s: float) -> None:
+        while not self._done.wait(every_s):
+            self.pids |= self.alive()
+
+    def alive(self) -> set:
+        import psutil
+        found = set()
+        for child in psutil.Process().children():
             try:
-                if sig == signal.SIGKILL:
-                    os.killpg(p.pid, sig)  # the rank and its data-loader workers
+                if self.script in child.cmdline():
+                    found.add(child.pid)
+            except psutil.Error:
+                pass
+        return found
+
+    def on_signal(self, signum, frame) -> None:
+        self.signals += 1
+        ranks = self.alive()
+        self.pids |= ranks
+        if self.signals == 1:
+            print(f"[launcher] {signal.Signals(signum).name}: asking every rank to finish its step, checkpoint "
+                  f"and stop (again to kill them now)", flush=True)
+        for pid in ranks:
+            try:
+                if self.signals == 1:
+                    os.kill(pid, signal.SIGTERM)
                 else:
-                    # A graceful stop goes to the rank alone: it finishes its step, checkpoints and
-                    # shuts its loader workers down itself (they would die mid-step otherwise).
-                    os.kill(p.pid, sig)
+                    os.killpg(pid, signal.SIGKILL)  # each rank leads its own session: with its workers
             except (ProcessLookupError, PermissionError):
                 pass
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def release_shared_memory(self) -> None:
+        from data_loader.shm_ring import leftover_segments, unlink_by_name
+        for pid in self.pids:
+            left = leftover_segments(pid)
+            if left:
+                unlink_by_name(left)
+                print(f"[launcher] removed {len(left)} shared-memory segments rank pid {pid} left behind",
+                      file=sys.stderr, flush=True)
 
 
 def _int_env(env: Dict[str, str], name: str, default: Optional[int] = None) -> int:

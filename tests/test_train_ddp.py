@@ -11,6 +11,7 @@ from blocks_data import blocks_dataset
 from core import build_model
 from core.amp import Amp
 from core.engine import train_one_step
+from data_loader.loader import Batch
 from core.losses import seg_loss
 from core.optim import PolyLR, build_sgd
 from core.sync_bn import CpuSyncBatchNorm, convert_sync_batchnorm
@@ -38,7 +39,7 @@ def train(model, images, labels, rank, world):
     for it in range(STEPS):
         sched.set_iteration(it)
         lo = 2 * it + rank * per_rank  # rank r takes sample r of the global batch of 2
-        result = train_one_step(ddp, images[lo:lo + per_rank], labels[lo:lo + per_rank], amp, opt, loss_fn,
+        result = train_one_step(ddp, Batch(images[lo:lo + per_rank], labels[lo:lo + per_rank], {}), amp, opt, loss_fn,
                                 torch.device("cpu"))
         losses.append(result.loss)
     return losses

@@ -11,6 +11,7 @@ from blocks_data import blocks_dataset
 from core import build_model
 from core.amp import OPT_LEVELS, Amp
 from core.engine import train_one_step
+from data_loader.loader import Batch
 from core.losses import seg_loss
 from core.optim import PolyLR, build_sgd
 
@@ -64,7 +65,7 @@ def test_o2_steps_fp32_masters_and_copies_them_down():
     amp.prepare(model)
     opt = build_sgd(amp.optim_params, 0.01)
     before = [p.detach().clone() for p in amp.optim_params]
-    train_one_step(model, images, labels, amp, opt, seg_loss, CPU)
+    train_one_step(model, Batch(images, labels, {}), amp, opt, seg_loss, CPU)
     masters = amp.optim_params
     assert any(not torch.equal(a, b) for a, b in zip(before, masters))
     for p, m in zip(model.parameters(), masters):
@@ -86,11 +87,11 @@ def test_non_finite_loss_skips_the_step():
         loss, parts = seg_loss(outputs, label)
         return loss * float("nan"), parts
 
-    result = train_one_step(model, images, labels, amp, opt, nan_loss, CPU)
+    result = train_one_step(model, Batch(images, labels, {}), amp, opt, nan_loss, CPU)
     assert result.skipped and not result.stop
     assert all(torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
-    ok = train_one_step(model, images, labels, amp, opt, seg_loss, CPU, stop_requested=True)
+    ok = train_one_step(model, Batch(images, labels, {}), amp, opt, seg_loss, CPU, stop_requested=True)
     assert not ok.skipped and ok.stop
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
 
@@ -103,7 +104,7 @@ def test_float16_uses_a_dynamic_loss_scale_that_backs_off_on_overflow():
     opt = build_sgd(amp.optim_params, 0.01)
     assert amp.scaler.is_enabled()
     before = [p.detach().clone() for p in model.parameters()]
-    result = train_one_step(model, images, labels, amp, opt, seg_loss, CPU)
+    result = train_one_step(model, Batch(images, labels, {}), amp, opt, seg_loss, CPU)
     assert result.skipped
     assert all(torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
     assert amp.scaler.get_scale() == 2.0 ** 126
@@ -124,7 +125,7 @@ def _loss_curve(level, images, labels, steps):
     for it in range(steps):
         sched.set_iteration(it)
         i = (2 * it) % len(images)
-        losses.append(train_one_step(model, images[i:i + 2], labels[i:i + 2], amp, opt, loss_fn, CPU).loss)
+        losses.append(train_one_step(model, Batch(images[i:i + 2], labels[i:i + 2], {}), amp, opt, loss_fn, CPU).loss)
     return np.array(losses)
 
 
@@ -165,7 +166,7 @@ def test_o2_trains_with_one_image_per_process():
     amp = Amp("O2", "cpu", torch.bfloat16)
     amp.prepare(model)
     opt = build_sgd(amp.optim_params, 0.01)
-    result = train_one_step(model, images, labels, amp, opt, seg_loss, CPU)
+    result = train_one_step(model, Batch(images, labels, {}), amp, opt, seg_loss, CPU)
     assert not result.skipped and np.isfinite(result.loss)
 
 
@@ -177,5 +178,5 @@ def test_o2_trains_at_batch_1_with_bn_kept_fp32():
     amp = Amp("O2", "cpu", torch.bfloat16)
     amp.prepare(model)
     opt = build_sgd(amp.optim_params, 0.01)
-    result = train_one_step(model, images, labels, amp, opt, seg_loss, CPU)
+    result = train_one_step(model, Batch(images, labels, {}), amp, opt, seg_loss, CPU)
     assert not result.skipped and np.isfinite(result.loss)

@@ -1,0 +1,175 @@
+"""The training program, assembled in one place from one TrainConfig.
+
+launch/run.py trains with it, profiling/trace.py profiles it, launch/tune.py and
+bench/train_step.py measure it: none of them builds a model, optimizer, schedule, loss or loader
+of its own, so what they measure is what training runs (as detectron2's benchmark calls its
+trainer's builders). Reads top to bottom: set_up_process, resolve_data, build_model,
+build_loader, build_training (-> Training, whose step() is core.engine.train_one_step).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import random
+import sys
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from core import distributed as cdist
+from core.amp import Amp, resolve_dtype
+from core.config import TrainConfig
+from core.device import Device, get_device
+from core.engine import StepResult, train_one_step
+from core.losses import seg_loss
+from core.mfu import count_train_step_flops
+from core.optim import PolyLR, build_sgd
+from launch import dist
+
+STOP_GRACE_S = 30.0  # after a stop signal, how long a rank of a multi-process job still waits for its batch
+
+
+def set_up_process(cfg: TrainConfig):
+    """This process as a rank: (DistEnv, Device). Joins the process group when a launcher (ours,
+    torchrun, srun) started several; picks the device and the CPU threads; seeds every RNG."""
+    env = dist.detect_env() or dist.DistEnv()
+    if cfg.cache_dir:  # ranks, loader workers and tools started from here all use it
+        os.environ["DEEPLAB_CACHE"] = os.path.abspath(cfg.cache_dir)
+    device_name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = get_device(device_name, env.local_rank)
+    device.set_current()
+    torch.set_num_threads(dist.cpu_threads(cfg.threads, env.local_world_size))
+    if env.distributed:
+        dist.init_process_group(env, device.dist_backend, cfg.dist_timeout)
+    seed_everything(cfg.seed + env.rank)
+    return env, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def resolve_data(cfg: TrainConfig, env: dist.DistEnv) -> str:
+    if cfg.data is not None:
+        if not os.path.isdir(cfg.data):
+            raise FileNotFoundError(f"--data {cfg.data!r} is not a directory (expected a Cityscapes layout: "
+                                    "leftImg8bit/ and gtFine/)")
+        return cfg.data
+    from data_loader.synthetic import default_dataset
+    if env.local_rank == 0:  # generate once per node; the other ranks then find it in the cache
+        default_dataset()
+    cdist.barrier()
+    return default_dataset()
+
+
+def per_process_batch(cfg: TrainConfig, world_size: int) -> int:
+    if cfg.batch_size:
+        return cfg.batch_size
+    if cfg.global_batch % world_size:
+        raise ValueError(f"--global-batch {cfg.global_batch} does not split over {world_size} ranks; "
+                         f"give --batch-size (per process) instead")
+    return cfg.global_batch // world_size
+
+
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The fp32 model on the CPU, identical on every rank: initialised from cfg.seed in a forked
+    RNG, so building it leaves each rank's own random stream (seed + rank) untouched."""
+    from core import build_model as build
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build(backbone=cfg.backbone, output_stride=cfg.output_stride, num_classes=cfg.num_classes,
+                     aux_head=True, pretrained=cfg.pretrained, base_channels=cfg.base_channels)
+
+
+def loader_waits(cfg: TrainConfig, env: dist.DistEnv, stop=None) -> dict:
+    """How long a rank waits for a batch, and what a stop signal does to that wait: one process
+    stops waiting at once (no step has started, so it checkpoints where it is); a rank of a
+    multi-process job gives the batch STOP_GRACE_S more seconds, because the others are inside
+    the step's collectives and the stop is agreed at its end (past that, the worker is stuck)."""
+    return dict(timeout=cfg.loader_timeout, start_timeout=cfg.loader_start_timeout,
+                interrupt=(lambda: stop.requested) if stop is not None else None,
+                interrupt_grace=STOP_GRACE_S if env.distributed else 0.0,
+                log=lambda text: print(f"[rank {env.rank}] {text}", file=sys.stderr, flush=True))
+
+
+def build_loader(cfg: TrainConfig, data_root: str, env: dist.DistEnv, batch_size: int, device: Device, stop=None):
+    from data_loader.loader import build_train_loader
+    return build_train_loader(data_root, "train", batch_size, crop=cfg.crop, scale=cfg.scale,
+                              ratio_range=cfg.ratio_range, cat_max_ratio=cfg.cat_max_ratio,
+                              workers=cfg.workers, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
+                              pin_memory=device.type == "cuda", pack=cfg.pack, prefetch=cfg.prefetch,
+                              **loader_waits(cfg, env, stop))
+
+
+@dataclass
+class Training:
+    """Everything one training step needs, built once. `model` is the plain module (for
+    checkpoints and evaluation), `ddp_model` what the step runs (DDP-wrapped when distributed)."""
+    cfg: TrainConfig
+    env: dist.DistEnv
+    device: Device
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module
+    amp: Amp
+    optimizer: torch.optim.Optimizer
+    schedule: PolyLR
+    loss_fn: Callable
+    loader: object
+    batch_size: int  # per process
+
+    def step(self, batch, stop_requested: bool = False, timer: Optional[Callable[[str], None]] = None) -> StepResult:
+        return train_one_step(self.ddp_model, batch, self.amp, self.optimizer, self.loss_fn,
+                              self.device.torch_device, self.cfg.channels_last, stop_requested, timer)
+
+    def flops_per_step(self) -> int:
+        """FLOPs of one step of this process's model (counted on the meta device: no compute)."""
+        no_weights = replace(self.cfg, pretrained=None, load_from=None)
+        return count_train_step_flops(functools.partial(build_model, no_weights), self.batch_size, self.cfg.crop)
+
+    def restore(self, state: dict, log: Callable[[str], None]) -> int:
+        """Continue from a checkpoint written by build_training's pieces; returns its iteration.
+        The RNG is restored by the caller, last, once nothing else will draw random numbers."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.amp.load_state_dict(state["amp"])
+        self.schedule.load_state_dict(state["lr_schedule"])
+        if len(state["loader"]) == self.env.world_size:
+            self.loader.load_state_dict(state["loader"][self.env.rank])
+        else:
+            log(f"checkpoint was written by {len(state['loader'])} ranks, this run has {self.env.world_size}: "
+                "weights, optimizer and schedule restored; data order and RNG start afresh")
+        return int(state["meta"]["iteration"])
+
+    def close(self) -> None:
+        close = getattr(self.loader, "close", None)
+        if close is not None:
+            close()
+
+
+def build_training(cfg: TrainConfig, env: dist.DistEnv, device: Device, data_root: str, stop=None,
+                   weights: Optional[dict] = None, log: Callable[[str], None] = print) -> Training:
+    """Model (weights from `weights`, else --load-from, else the initialisation), opt level,
+    SGD, poly schedule, loss and loader, in the order that keeps every rank's RNG in step."""
+    model = build_model(cfg)
+    if weights is not None:
+        model.load_state_dict(weights)
+    elif cfg.load_from:
+        from core.mmseg_io import load_model_weights
+        for line in load_model_weights(model, cfg.load_from):
+            log(line)
+    if cfg.sync_bn and env.distributed:
+        model = cdist.convert_sync_bn(model, device.type)
+    model.to(device.torch_device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    amp = Amp(cfg.opt_level, device.type, resolve_dtype(cfg.amp_dtype, device.autocast_dtype), cfg.init_loss_scale)
+    model = amp.prepare(model)
+    optimizer = build_sgd(amp.optim_params, cfg.lr, cfg.momentum, cfg.weight_decay)
+    schedule = PolyLR(optimizer, cfg.iters, cfg.poly_power, cfg.min_lr)
+    ddp_model = cdist.wrap_ddp(model, device.torch_device) if env.distributed else model
+    loss_fn = functools.partial(seg_loss, aux_weight=cfg.aux_weight, ignore_index=cfg.ignore_index,
+                                avg_non_ignore=cfg.loss_avg_non_ignore)
+    batch_size = per_process_batch(cfg, env.world_size)
+    loader = build_loader(cfg, data_root, env, batch_size, device, stop)
+    return Training(cfg, env, device, model, ddp_model, amp, optimizer, schedule, loss_fn, loader, batch_size)
