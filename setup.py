@@ -51,6 +51,14 @@ setup(
         "pyspng>=0.1",
         "matplotlib>=3.5",  # loss / mIoU curves (a Pillow fallback draws them without it)  # libspng PNG decoding, ~1.2-1.6x faster than OpenCV and bit-identical (tested)
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        # launch/export.py: torch's default (torch.export-based) ONNX exporter needs onnxscript;
+        # onnxruntime checks the exported graph against torch. Tested with onnx 1.23.2,
+        # onnxruntime 1.32.0, onnxscript 0.7.2; none of them requires torch.
+        "export": ["onnx>=1.17", "onnxruntime>=1.18", "onnxscript>=0.7"],
+        # cityscapesscripts: the official pixel-level evaluation that tests/test_predict.py scores
+        # predict's output with (its GUI tools' PyQt extra is not needed and not installed).
+        "test": ["pytest>=7", "cityscapesscripts>=2.2", "onnx>=1.17", "onnxruntime>=1.18", "onnxscript>=0.7"],
+    },
     zip_safe=False,
 )
