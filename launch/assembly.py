@@ -136,11 +136,21 @@ class Training:
         self.optimizer.load_state_dict(state["optimizer"])
         self.amp.load_state_dict(state["amp"])
         self.schedule.load_state_dict(state["lr_schedule"])
-        if len(state["loader"]) == self.env.world_size:
-            self.loader.load_state_dict(state["loader"][self.env.rank])
-        else:
-            log(f"checkpoint was written by {len(state['loader'])} ranks, this run has {self.env.world_size}: "
-                "weights, optimizer and schedule restored; data order and RNG start afresh")
+        written = state["loader"]
+        if len(written) != self.env.world_size:
+            old_global = written[0]["batch_size"] * len(written)
+            if old_global != self.batch_size * self.env.world_size:
+                # The iteration count and the poly schedule count steps: a step of another size
+                # would make them disagree with the samples seen.
+                raise ValueError(f"the checkpoint was written by {len(written)} ranks x batch "
+                                 f"{written[0]['batch_size']} = {old_global} images per step; resuming on "
+                                 f"{self.env.world_size} ranks needs the same global batch (--global-batch "
+                                 f"{old_global}, or --batch-size {old_global // self.env.world_size} per rank)")
+            log(f"checkpoint was written by {len(written)} ranks, this run has {self.env.world_size}: weights, "
+                "optimizer, schedule and the global data order continue; the RNG starts afresh")
+        # The whole per-rank list: the loader takes its own entry on the same world size, and
+        # otherwise continues the global sample order where the job stopped (data_loader/sampler.py).
+        self.loader.load_state_dict(written)
         return int(state["meta"]["iteration"])
 
     def close(self) -> None:

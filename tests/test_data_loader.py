@@ -1,4 +1,6 @@
-"""The shared-memory loader: determinism across worker counts, sharding, exact resume, val loader."""
+"""The shared-memory loader: determinism across worker counts, the global stream, exact resume, val loader.
+
+Resuming on another world size: tests/test_data_resume.py."""
 import os
 
 import cv2
@@ -66,26 +68,38 @@ def test_spawned_workers_give_the_same_batches(root):
         assert_same(spawned, take(loader, 3))
 
 
-def test_shards_are_disjoint_and_cover_the_epoch():
-    for n, world in ((9, 2), (10, 3), (7, 7)):
-        per_rank = n // world
-        shards = [ShardedStream(n, 1, seed=3, rank=r, world_size=world) for r in range(world)]
-        for epoch in (0, 1):
-            seen = [[t.index for k in range(epoch * per_rank, (epoch + 1) * per_rank) for t in s.batch(k)]
-                    for s in shards]
-            flat = [i for part in seen for i in part]
-            assert len(flat) == len(set(flat)) == per_rank * world  # disjoint; the tail is dropped
-            assert all(t.epoch == epoch for s in shards for t in s.batch(epoch * per_rank))
-        assert shards[0].batch(0) != shards[0].batch(per_rank) or n == world  # reshuffled per epoch
+def global_stream(n, seed, epochs):
+    """The documented order, rebuilt here: whole epoch permutations from default_rng([seed, 1, e]),
+    concatenated, nothing dropped; one (index, epoch) per position."""
+    return [(int(i), e) for e in range(epochs) for i in np.random.default_rng([seed, 1, e]).permutation(n)]
+
+
+def test_rank_batches_are_slices_of_the_global_stream():
+    for n, world, batch in ((9, 2, 2), (10, 3, 1), (7, 7, 2), (5, 1, 3), (3, 4, 1)):
+        size = world * batch
+        stream = global_stream(n, 3, epochs=6 * size // n + 2)
+        shards = [ShardedStream(n, batch, seed=3, rank=r, world_size=world) for r in range(world)]
+        for k in range(6):
+            step = [(t.index, t.epoch) for s in shards for t in s.batch(k)]  # ranks in rank order
+            assert step == stream[k * size:(k + 1) * size], (n, world, batch, k)
+            assert len(set(step)) == size  # distinct samples (index, epoch) across ranks within a step
+            if len({e for _, e in step}) == 1:  # inside one epoch the dataset indices are distinct too
+                assert len({i for i, _ in step}) == size
+    assert ShardedStream(9, 2, seed=3, rank=0, world_size=2).batches_per_epoch() == 9 / 4
     with pytest.raises(ValueError, match="rank=2, world_size=2"):
         ShardedStream(9, 1, rank=2, world_size=2)
 
 
 def test_rank_loaders_follow_their_shard(root):
+    stream = global_stream(9, 1, 1)
     indices = []
     for rank in (0, 1):
         with build_train_loader(root, workers=0, seed=1, rank=rank, world_size=2, **OPTS) as loader:
-            indices.append([i for b in take(loader, 2) for i in b[2]])
+            batches = take(loader, 2)
+            # global step k is stream[4k : 4k+4]; rank r holds its r-th slice of 2
+            assert [list(zip(b[2], b[3])) for b in batches] == [stream[4 * k + 2 * rank:4 * k + 2 * rank + 2]
+                                                                 for k in range(2)]
+            indices.append([i for b in batches for i in b[2]])
     assert len(set(indices[0]) | set(indices[1])) == 8 and not set(indices[0]) & set(indices[1])
 
 
@@ -94,11 +108,11 @@ def test_state_dict_resume_gives_the_identical_next_batches(root):
         first = take(loader, 2)
         state = loader.state_dict()
         rest = take(loader, 4)
-    assert state["next_batch"] == 2
+    assert state["next_batch"] == 2 and state["global_position"] == 4 and state["order"] == "global"
     with build_train_loader(root, workers=1, seed=9, **OPTS) as resumed:
         resumed.load_state_dict(state)
         assert_same(take(resumed, 4), rest)
-        resumed.load_state_dict({**state, "next_batch": 0})  # seeking back mid-run works too
+        resumed.load_state_dict({**state, "next_batch": 0, "global_position": 0})  # seeking back mid-run works too
         assert_same(take(resumed, 2), first)
     with build_train_loader(root, workers=0, seed=10, **OPTS) as other:
         with pytest.raises(ValueError, match="seed=9"):

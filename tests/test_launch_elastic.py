@@ -80,3 +80,21 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank_and_the_global_data_order_continues(tmp_path):
+    common = TINY + ["--ckpt-interval", "2", "--keep-ckpts", "10"]
+    full = run(common + ["--iters", "4", "--nproc", "2", "--work-dir", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-3000:]
+    # Same global batch (2 images per step): 2 ranks x 1 -> 1 rank x 2.
+    resumed = run(common + ["--iters", "4", "--global-batch", "2", "--work-dir", str(tmp_path / "one"),
+                            "--resume", str(tmp_path / "full" / "iter_2.pt")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "written by 2 ranks, this run has 1" in resumed.stdout and "global data order continue" in resumed.stdout
+    import torch
+    a = torch.load(tmp_path / "full" / "iter_4.pt", weights_only=True)["loader"]
+    b = torch.load(tmp_path / "one" / "iter_4.pt", weights_only=True)["loader"]
+    assert [s["global_position"] for s in a] == [8, 8] and [s["global_position"] for s in b] == [8]
+    bad = run(common + ["--iters", "4", "--global-batch", "3", "--work-dir", str(tmp_path / "bad"),
+                        "--resume", str(tmp_path / "full" / "iter_2.pt")])
+    assert bad.returncode != 0 and "needs the same global batch" in bad.stderr
