@@ -53,6 +53,8 @@ class TrainConfig:
                                   "an mmseg 0.x/1.x DeepLabV3 .pth; weights only, optimizer and schedule start fresh")
     sync_bn: bool = _f(False, "synchronise BatchNorm statistics across ranks (SyncBatchNorm)")
     channels_last: bool = _f(True, "run the model in channels_last memory format")
+    compile: bool = _f(False, "torch.compile the model (dynamic=False): every shape is static, so the train step "
+                       "and the evaluation each compile once, at the first step / first evaluation")
     # data
     crop: Tuple[int, int] = _f((512, 1024), "training crop HxW", pair=int)
     scale: Tuple[int, int] = _f((2048, 1024), "training resize scale WxH (times a random ratio)", pair=int)

@@ -47,9 +47,10 @@ class TrainLogger:
 
     # ---- training ----------------------------------------------------------------------------
     def record_step(self, loss: float, parts: Dict[str, float], lr: float, step_ms: float, data_ms: float,
-                    skipped: bool) -> None:
+                    skipped: bool, graphs: Optional[int] = None) -> None:
+        """graphs: with --compile, graphs compiled so far (a recompilation shows as a change)."""
         self._window.append(dict(loss=loss, parts=parts, lr=lr, step_ms=step_ms, data_ms=data_ms,
-                                 skipped=skipped))
+                                 skipped=skipped, graphs=graphs))
 
     def log_train(self, iteration: int, memory_bytes: int) -> Optional[Dict]:
         """Summarise the steps recorded since the last call; returns the JSON record."""
@@ -70,6 +71,8 @@ class TrainLogger:
         rec = {"type": "train", "iter": iteration, "loss": loss, **parts, "lr": window[-1]["lr"],
                "step_ms": step_ms, "data_ms": data_ms, "img_per_s": img_s, "mfu": mfu,
                "mem_bytes": memory_bytes, "eta_s": eta_s, "skipped": sum(w["skipped"] for w in window)}
+        if window[-1]["graphs"] is not None:
+            rec["compiled_graphs"] = window[-1]["graphs"]
         part_txt = " ".join(f"{k.replace('loss_', '')} {v:.4f}" for k, v in parts.items())
         self.info(f"iter {iteration}/{self.total_iters}  loss {loss:.4f} ({part_txt})  lr {rec['lr']:.3e}  "
                   f"step {step_ms:.1f} ms  data {data_ms:.1f} ms  {img_s:.2f} img/s  MFU {100 * mfu:.1f}%  "
@@ -87,12 +90,15 @@ class TrainLogger:
         return rec
 
     # ---- evaluation --------------------------------------------------------------------------
-    def log_eval(self, iteration: int, metrics: Dict, table: str, seconds: float) -> None:
+    def log_eval(self, iteration: int, metrics: Dict, table: str, seconds: float, graphs: Optional[int] = None) -> None:
         if not self.enabled:
             return
         self.info(f"evaluation at iter {iteration} ({seconds:.1f} s):\n{table}")
-        self._write({"type": "eval", "iter": iteration, "mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"],
-                     "aAcc": metrics["aAcc"], "seconds": seconds})
+        rec = {"type": "eval", "iter": iteration, "mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"],
+               "aAcc": metrics["aAcc"], "seconds": seconds}
+        if graphs is not None:
+            rec["compiled_graphs"] = graphs
+        self._write(rec)
         if metrics["mIoU"] is not None:
             self.eval_points.append((iteration, metrics["mIoU"]))
             if self._tb is not None:

@@ -113,7 +113,8 @@ class Training:
     env: dist.DistEnv
     device: Device
     model: torch.nn.Module
-    ddp_model: torch.nn.Module
+    ddp_model: torch.nn.Module  # what the step runs: DDP-wrapped when distributed, compiled with --compile
+    eval_model: torch.nn.Module  # `model` itself, or its compiled form with --compile
     amp: Amp
     optimizer: torch.optim.Optimizer
     schedule: PolyLR
@@ -178,8 +179,25 @@ def build_training(cfg: TrainConfig, env: dist.DistEnv, device: Device, data_roo
     optimizer = build_sgd(amp.optim_params, cfg.lr, cfg.momentum, cfg.weight_decay)
     schedule = PolyLR(optimizer, cfg.iters, cfg.poly_power, cfg.min_lr)
     ddp_model = cdist.wrap_ddp(model, device.torch_device) if env.distributed else model
+    eval_model = model
+    if cfg.compile:  # DDP first, then compile: dynamo then splits the graph at DDP's buckets
+        ddp_model, eval_model = compile_model(ddp_model), compile_model(model)
     loss_fn = functools.partial(seg_loss, aux_weight=cfg.aux_weight, ignore_index=cfg.ignore_index,
                                 avg_non_ignore=cfg.loss_avg_non_ignore)
     batch_size = per_process_batch(cfg, env.world_size)
     loader = build_loader(cfg, data_root, env, batch_size, device, stop)
-    return Training(cfg, env, device, model, ddp_model, amp, optimizer, schedule, loss_fn, loader, batch_size)
+    return Training(cfg, env, device, model, ddp_model, eval_model, amp, optimizer, schedule, loss_fn, loader,
+                    batch_size)
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile with static shapes: the crop, the batch and the evaluation slot never change,
+    so each compiled graph (train mode, eval mode) is built once; dynamic=False makes a shape
+    change a visible recompilation instead of a silently slower dynamic graph."""
+    return torch.compile(model, dynamic=False)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (constant once every mode ran)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])

@@ -38,8 +38,8 @@ from core.mfu import PEAK_CACHE_NAME, measure_peak_tflops  # noqa: E402
 from data_loader.loader import LoaderInterrupted  # noqa: E402
 from data_loader.synthetic import cache_root  # noqa: E402
 from launch import dist  # noqa: E402
-from launch.assembly import (build_model, build_training, loader_waits, per_process_batch, resolve_data,  # noqa: E402
-                             set_up_process)
+from launch.assembly import (build_model, build_training, compile_model, compiled_graphs,  # noqa: E402
+                             loader_waits, per_process_batch, resolve_data, set_up_process)
 
 # Test hook: DEEPLAB_TEST_FAIL_AT="RANK:ITER" makes that rank raise after that iteration, in the
 # job's first attempt only, so tests can check that one failing rank brings the whole job down and
@@ -159,7 +159,8 @@ def train(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str, stop: dis
                 raise RuntimeError(f"{counters['skipped_in_row']} consecutive steps had a non-finite loss or "
                                    f"gradient (up to iteration {iteration}); stopping. Try a lower --lr, "
                                    f"--opt-level O0, or check the data.")
-            log.record_step(result.loss, result.parts, lr, 1000 * (t2 - t1), 1000 * (t1 - t0), result.skipped)
+            log.record_step(result.loss, result.parts, lr, 1000 * (t2 - t1), 1000 * (t1 - t0), result.skipped,
+                            graphs=compiled_graphs() if cfg.compile else None)
             finished = iteration == cfg.iters
             if iteration % cfg.log_interval == 0 or finished or result.stop:
                 log.log_train(iteration, device.max_memory_bytes())
@@ -172,11 +173,12 @@ def train(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str, stop: dis
             if cfg.evaluate and ((cfg.eval_interval and iteration % cfg.eval_interval == 0) or finished):
                 t = time.perf_counter()
                 try:
-                    metrics = run_evaluation(cfg, training.model, training.amp, device, env, data_root, stop)
+                    metrics = run_evaluation(cfg, training.eval_model, training.amp, device, env, data_root, stop)
                 except LoaderInterrupted:  # the checkpoint of this iteration is written above or next
                     log.info(f"evaluation at iteration {iteration} interrupted by {stop.signal_name}")
                     continue
-                log.log_eval(iteration, metrics, format_table(metrics), time.perf_counter() - t)
+                log.log_eval(iteration, metrics, format_table(metrics), time.perf_counter() - t,
+                             graphs=compiled_graphs() if cfg.compile else None)
                 if env.is_main:
                     save_json(metrics, os.path.join(cfg.work_dir, f"eval_iter_{iteration}.json"), iter=iteration)
         if counters["skipped_total"]:
@@ -211,7 +213,7 @@ def eval_only(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str) -> in
     amp = Amp(cfg.opt_level, device.type, resolve_dtype(cfg.amp_dtype, device.autocast_dtype))
     model = amp.prepare(model)
     t = time.perf_counter()
-    metrics = run_evaluation(cfg, model, amp, device, env, data_root)
+    metrics = run_evaluation(cfg, compile_model(model) if cfg.compile else model, amp, device, env, data_root)
     if env.is_main:
         print(f"{path} ({time.perf_counter() - t:.1f} s):\n{format_table(metrics)}", flush=True)
         os.makedirs(cfg.work_dir, exist_ok=True)

@@ -254,3 +254,24 @@ def test_sigterm_while_the_rank_waits_for_a_stuck_worker_ends_the_wait_and_check
     again = run(args[:-2] + ["--work-dir", str(tmp_path / "work"), "--iters", str(it + 2), "--resume", "auto"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"at iteration {it}" in again.stdout and f"iter {it + 2}/{it + 2}" in again.stdout
+
+
+def test_compiled_training_and_evaluation_compile_once_and_match_eager(tmp_path):
+    # Static shapes everywhere: the train step compiles at step 1, the evaluation at its first
+    # call, and nothing recompiles after that (a recompilation would raise the graph count).
+    args = TINY + ["--iters", "4", "--eval-interval", "2", "--eval-max-images", "2", "--ckpt-interval", "1000"]
+    compiled = run(args + ["--compile", "--work-dir", str(tmp_path / "c")], timeout=600)
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    recs = [json.loads(line) for line in open(tmp_path / "c" / "log.jsonl")]
+    graphs = [(r["type"], r["iter"], r["compiled_graphs"]) for r in recs]
+    train_graphs = [g for t, _, g in graphs if t == "train"]
+    eval_graphs = [g for t, _, g in graphs if t == "eval"]
+    assert len(train_graphs) == 4 and len(eval_graphs) == 2, graphs
+    assert train_graphs[0] == train_graphs[1] >= 1  # train mode compiled once, at step 1
+    assert eval_graphs[0] > train_graphs[1]  # eval mode compiled at the first evaluation ...
+    assert train_graphs[2] == train_graphs[3] == eval_graphs[1] == eval_graphs[0], graphs  # ... and never again
+    eager = run(args + ["--work-dir", str(tmp_path / "e")])
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    c_loss = [r["loss"] for r in recs if r["type"] == "train"]
+    e_loss = [r["loss"] for k, r in sorted(train_records(str(tmp_path / "e"))[0].items())]
+    assert c_loss == pytest.approx(e_loss, rel=1e-3)  # inductor may reorder float sums, nothing more
