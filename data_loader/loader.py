@@ -26,12 +26,12 @@ import time
 import warnings
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Callable
 
 import torch
 
+from .batch import Batch, collate_meta
 from .cityscapes import CityscapesIndex, DatasetError
 from .lifecycle import LoaderResources, describe_exit
 from .processes import dump_stack, start_workers
@@ -54,47 +54,6 @@ class LoaderWorkerError(RuntimeError):
 class LoaderInterrupted(Exception):
     """interrupt() became true while waiting for a batch. The loader is intact: the same batch
     is what the next `next()` returns, and state_dict() still points at it."""
-
-
-@dataclass
-class Batch:
-    image: torch.Tensor  # uint8 [B,H,W,3], BGR
-    label: torch.Tensor  # uint8 [B,H,W]
-    meta: dict
-    _release: object = field(default=None, repr=False)
-    _copy_event: object = field(default=None, repr=False)
-
-    def to(self, device, non_blocking: bool = True):
-        """(image, label) on `device`. On the CPU these are the slot's own zero-copy views; on an
-        accelerator, copies (asynchronous from pinned slots: release() then waits for them). Either
-        way call release() once nothing reads the views any more: that is the slot contract."""
-        device = torch.device(device)
-        if device.type == "cpu":
-            return self.image, self.label
-        image = self.image.to(device, non_blocking=non_blocking)
-        label = self.label.to(device, non_blocking=non_blocking)
-        if non_blocking:
-            self._copy_event = torch.Event(device=device)
-            self._copy_event.record()
-        return image, label
-
-    def release(self) -> None:
-        """Hand the slot back to the workers now (its views must not be used afterwards); waits
-        for copies made by to() to finish reading it first."""
-        if self._copy_event is not None:
-            self._copy_event.synchronize()
-            self._copy_event = None
-        release, self._release = self._release, None
-        if release is not None:
-            release()
-
-
-def _collate_meta(batch_index: int, metas: list[dict]) -> dict:
-    meta = {"batch_index": batch_index}
-    for key in metas[0]:
-        values = [m[key] for m in metas]
-        meta[key] = torch.tensor(values, dtype=torch.int32) if key in ("valid_hw", "ori_hw") else values
-    return meta
 
 
 class ShmLoader:
@@ -195,7 +154,7 @@ class ShmLoader:
             raise
         self._next += 1
         image_t, label_t = self._tensors[slot]
-        batch = Batch(image_t, label_t, _collate_meta(k, metas))
+        batch = Batch(image_t, label_t, collate_meta(k, metas))
         if self.workers > 0:
             batch._release = lambda s=slot: self._free.append(s)
         self._held = batch
