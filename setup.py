@@ -48,8 +48,11 @@ setup(
         "pillow>=9.0",
         "pyyaml>=6.0",
         "psutil>=5.9",
-        "pyspng>=0.1",
-        "matplotlib>=3.5",  # loss / mIoU curves (a Pillow fallback draws them without it)  # libspng PNG decoding, ~1.2-1.6x faster than OpenCV and bit-identical (tested)
+        "pyspng>=0.1",  # libspng PNG decoding, ~1.2-1.6x faster than OpenCV and bit-identical (tested)
+        "matplotlib>=3.5",  # loss / mIoU curves (a Pillow fallback draws them without it)
+        # profiling/trace.py --py-spy: flame graphs of the loader workers. A self-contained binary
+        # wheel with no Python dependencies (pip install --dry-run py-spy pulls nothing else).
+        "py-spy>=0.3.14",
     ],
     extras_require={
         # launch/export.py: torch's default (torch.export-based) ONNX exporter needs onnxscript;

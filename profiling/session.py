@@ -1,144 +1,297 @@
-"""A profiling run: real training steps of the trainer, timed per op, per module and per phase.
+"""A profiling run of the trainer's own steps (launch/assembly.Training), and its reports.
 
-Uses the trainer's own pieces (core.engine.train_one_step, core.amp, the shared-memory loader),
-so what it measures is what `launch/run.py` runs. Hooks only read clocks: numerics are unchanged.
+run_trace runs iterations exactly as launch/run.py's loop does (schedule.set_iteration(i),
+next(loader), Training.step) after the same preparations (FLOPs per step and the peak FLOP/s
+on rank 0, neither of which touches the RNG), so its losses are run.py's for the same config
+and seed. The --warmup iterations run bare, as in training; the --steps iterations after them
+are traced: engine phases (profiling/phases.py), per-module meters (profiling/hooks.py),
+torch.profiler, and py-spy on the loader workers. All of that only reads clocks: the traced
+iterations compute what untraced ones would (tested against run.py's log), but they run a little
+slower than training (hook and profiler overhead, more so on accelerators, where every reading
+synchronises the device).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
-import time
-from typing import Tuple
+import sys
+from typing import Dict, List
 
 import torch
 
-from core import build_model
-from core.amp import Amp, resolve_dtype
-from core.device import get_device
-from core.engine import train_one_step
-from core.losses import seg_loss
-from core.optim import build_sgd
-from profiling.hooks import ModuleTimer, StepTimes
-from profiling.report import bar_chart_png, markdown_table, write_json
+from core import distributed as cdist
+from core.config import to_dict
+from core.mfu import PEAK_CACHE_NAME, _device_name, measure_peak_tflops
+from profiling.flops import module_flops
+from profiling.hooks import ModuleMeter, clock_for
+from profiling.phases import PHASES, TOLERANCE_TEXT, AllReduceTimer, PhaseTimer
+from profiling.pyspy import PySpyRecorder
+from profiling.report import bar_chart_png, markdown_table, stacked_bar_chart_png, write_json, write_text
+
+REST_ROW = "(outside these modules)"
 
 
-def parse_hw(text: str, name: str) -> Tuple[int, int]:
+def peak_memory(device) -> Dict[str, int]:
+    """Peak resident set of this process (ru_maxrss: the whole life so far) and the current one;
+    on CUDA/NPU also the caching allocator's peaks since its last reset."""
+    import psutil
+    out = {"rss_bytes": int(psutil.Process().memory_info().rss)}
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--{name} must look like HxW (e.g. 512x1024), got {text!r}") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"--{name} must be positive, got {text!r}")
-    return h, w
+        import resource
+        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_rss_bytes"] = int(ru if sys.platform == "darwin" else ru * 1024)  # Linux reports KiB
+    except ImportError:  # no getrusage (Windows): the current RSS is the best we have
+        out["peak_rss_bytes"] = out["rss_bytes"]
+    if device.module is not None:
+        out["max_allocated_bytes"] = int(device.module.max_memory_allocated(device.torch_device))
+        out["max_reserved_bytes"] = int(device.module.max_memory_reserved(device.torch_device))
+    return out
 
 
-def _op_rows(prof, top: int) -> list:
-    events = prof.key_averages()
+def worker_memory(pids: List[int]) -> List[Dict[str, int]]:
+    import psutil
+    rows = []
+    for pid in pids:
+        try:
+            rows.append({"pid": pid, "rss_bytes": int(psutil.Process(pid).memory_info().rss)})
+        except psutil.Error:
+            pass
+    return rows
+
+
+def run_trace(cfg, opts, env, device, training) -> Dict:
+    main = env.is_main
+    say = (lambda text: print(text, flush=True)) if main else (lambda text: None)
+    os.makedirs(opts.out, exist_ok=True)
+    # What run.py does between build_training and its loop, in the same order (rank 0 only).
+    flops_per_step = training.flops_per_step() if main else 0
+    peak_tflops = 0.0
+    if main:
+        from data_loader.synthetic import cache_root
+        peak_tflops = cfg.peak_tflops or measure_peak_tflops(
+            device.torch_device, training.amp.compute_dtype, os.path.join(cache_root(cfg.cache_dir), PEAK_CACHE_NAME),
+            force=cfg.measure_peak, log=say)
+    # The DDP module under torch.compile's wrapper (--compile) is the one whose reducer runs the hook.
+    comm = AllReduceTimer(getattr(training.ddp_model, "_orig_mod", training.ddp_model)) if env.distributed else None
+    say(f"[trace] {cfg.backbone} base {cfg.base_channels} OS{cfg.output_stride}, crop {cfg.crop[0]}x{cfg.crop[1]}, "
+        f"batch {training.batch_size}/rank x {env.world_size} rank(s), {cfg.opt_level}, device {device.torch_device}, "
+        f"{torch.get_num_threads()} threads, {cfg.workers} loader worker(s); warmup {opts.warmup}, traced {opts.steps}")
+
+    loader_it = iter(training.loader)
+    losses = []
+    for i in range(opts.warmup):  # run.py's loop body, nothing attached
+        lr = training.schedule.set_iteration(i)
+        batch = next(loader_it)
+        result = training.step(batch)
+        losses.append({"iter": i + 1, "loss": result.loss, **result.parts, "lr": lr, "skipped": result.skipped,
+                       "traced": False})
+    memory_training = peak_memory(device)  # the untraced steps' peak: what training needs
+    if device.module is not None:
+        device.module.reset_peak_memory_stats(device.torch_device)
+    if comm is not None:
+        comm.discard()
+
+    clock = clock_for(device)
+    phases = PhaseTimer(clock, annotate=True)
+    step_rows = []
+    prefix = "loader_worker" if not env.distributed else f"rank{env.rank}_loader_worker"
+    worker_pids = getattr(training.loader, "worker_pids", [])
+    spy = PySpyRecorder(worker_pids, opts.out, opts.py_spy_rate, prefix) if opts.py_spy else None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    # Under --compile the modules run fused inside compiled graphs: there is no per-module time to
+    # take, and hooks added now would make dynamo recompile. The module table then has FLOPs only.
+    meter = ModuleMeter(training.model, opts.depth, clock) if not cfg.compile else None
+    try:
+        if spy is not None:
+            for rec in spy.start():
+                if rec["message"]:
+                    say(f"[trace] {rec['message']}")
+        with torch.profiler.profile(activities=activities) as prof:
+            for k in range(opts.steps):
+                i = opts.warmup + k
+                lr = training.schedule.set_iteration(i)
+                with torch.profiler.record_function(f"step_{k}"):
+                    phases.start_step()
+                    batch = next(loader_it)
+                    phases.mark("data_wait")
+                    result = training.step(batch, timer=phases)
+                    row = dict(phases.end_step())
+                if meter is not None:
+                    meter.flush()
+                allreduce = comm.end_step() if comm is not None else None
+                losses.append({"iter": i + 1, "loss": result.loss, **result.parts, "lr": lr,
+                               "skipped": result.skipped, "traced": True})
+                row.update(iter=i + 1, loss=result.loss, **({"allreduce": allreduce} if allreduce else {}))
+                step_rows.append(row)
+                say(f"[trace] step {k + 1}/{opts.steps} (iter {i + 1})  loss {result.loss:.4f}  "
+                    f"step {row['step_ms']:.1f} ms = " + " + ".join(f"{p} {row[p]:.1f}" for p in PHASES)
+                    + ("" if row["within_tolerance"] else f"  [sum {row['sum_ms']:.1f} ms: outside {TOLERANCE_TEXT}]"))
+        workers = worker_memory(worker_pids)
+    finally:
+        if meter is not None:
+            meter.remove()
+        if spy is not None:
+            spy.stop()
+    memory_traced = peak_memory(device)
+    summary = phases.summary()
+    per_rank = cdist.gather_to_main({"rank": env.rank, "breakdown": summary,
+                                     "allreduce": comm.summary() if comm is not None else {}})
+    if not main:
+        return {}
+    build = functools.partial(_build_model, dataclasses.replace(cfg, pretrained=None, load_from=None))
+    flops = module_flops(build, training.batch_size, cfg.crop, opts.depth)
+    result = {
+        "config": to_dict(cfg), "options": dataclasses.asdict(opts), "world_size": env.world_size,
+        "device": str(device.torch_device), "threads": torch.get_num_threads(),
+        "cpu": {"name": _device_name(torch.device("cpu")).split(":", 1)[1],
+                "capability": torch.backends.cpu.get_cpu_capability()},
+        "losses": losses, "steps": step_rows, "breakdown": summary, "ranks": per_rank,
+        "allreduce": comm.summary() if comm is not None else None,
+        "flops_per_step": flops_per_step, "peak_tflops": peak_tflops, "flops": flops,
+        "memory": {"training": memory_training, "traced": memory_traced, "loader_workers": workers},
+        "py_spy": spy.results() if spy is not None else None,
+    }
+    _write_reports(result, prof, meter, training, opts, say)
+    return result
+
+
+def _build_model(cfg):
+    from launch.assembly import build_model
+    return build_model(cfg)
+
+
+def module_rows(times: Dict[str, dict], flops: Dict, phases_ms: Dict[str, float], step_ms: float) -> List[dict]:
+    """One row per module (times {name: {"forward": ms, "backward": ms}}, None where not timed)
+    plus what the forward/backward phases spent outside the modules."""
+    def rate(n, ms):
+        return n / (ms * 1e-3) / 1e9 if ms is not None and ms > 0 and n > 0 else None
+
+    def row(name, fwd_ms, bwd_ms, fwd_flop, bwd_flop):
+        timed = fwd_ms is not None
+        return {"module": name, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_gflop": fwd_flop / 1e9,
+                "bwd_gflop": bwd_flop / 1e9, "fwd_gflops": rate(fwd_flop, fwd_ms), "bwd_gflops": rate(bwd_flop, bwd_ms),
+                "gflops": rate(fwd_flop + bwd_flop, fwd_ms + bwd_ms) if timed else None,
+                "share": (fwd_ms + bwd_ms) / step_ms if timed and step_ms > 0 else None}
+    rows = []
+    for name, t in times.items():
+        f = flops["modules"].get(name, {"forward": 0, "backward": 0})
+        rows.append(row(name, t["forward"], t["backward"], f["forward"], f["backward"]))
+    timed = all(r["fwd_ms"] is not None for r in rows)
+    rows.append(row(REST_ROW, phases_ms.get("forward", 0.0) - sum(r["fwd_ms"] for r in rows) if timed else None,
+                    phases_ms.get("backward", 0.0) - sum(r["bwd_ms"] for r in rows) if timed else None,
+                    flops["forward_total"] - sum(f["forward"] for f in flops["modules"].values()),
+                    flops["backward_total"] - sum(f["backward"] for f in flops["modules"].values())))
+    return rows
+
+
+def op_rows(prof, steps: int, top: int, cuda: bool) -> List[dict]:
+    """Per-op self time per step from torch.profiler (our own step/phase ranges left out)."""
+    ours = set(PHASES) | {f"step_{k}" for k in range(steps)}
+    events = [e for e in prof.key_averages() if e.key not in ours and not e.key.startswith("ProfilerStep")]
     total = sum(e.self_cpu_time_total for e in events) or 1.0
-    rows = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1000.0,
-             "total_ms": e.cpu_time_total / 1000.0, "share": e.self_cpu_time_total / total}
-            for e in events]
+    rows = [{"op": e.key, "calls": e.count / steps, "self_ms": e.self_cpu_time_total / 1000.0 / steps,
+             "share": e.self_cpu_time_total / total,
+             **({"device_self_ms": e.self_device_time_total / 1000.0 / steps} if cuda else {})} for e in events]
     rows.sort(key=lambda r: -r["self_ms"])
     return rows[:top]
 
 
-class StepRunner:
-    """The trainer's step on the trainer's loader, for a profiling or tuning config.
+def _write_reports(result: Dict, prof, meter, training, opts, say) -> None:
+    out, steps, cfg = opts.out, opts.steps, training.cfg
+    summary = result["breakdown"]
+    step_ms = summary["step_ms"]
+    tag = (f"{cfg.backbone}/{cfg.base_channels} OS{cfg.output_stride}, {cfg.crop[0]}x{cfg.crop[1]}, "
+           f"batch {training.batch_size}, {cfg.opt_level}")
+    files = {}
 
-    `step()` returns (data-wait ms, compute ms) of one iteration; `close()` frees the loader's
-    shared memory and workers.
-    """
+    def path(name):
+        files[name] = os.path.join(out, name)
+        return files[name]
 
-    def __init__(self, cfg, channels_last: bool = True):
-        from data_loader.loader import build_train_loader
-        from data_loader.synthetic import default_dataset
+    prof.export_chrome_trace(path("trace.json"))
+    cuda = training.device.type == "cuda"
+    ops = op_rows(prof, steps, opts.top, cuda)
+    write_json(path("ops.json"), ops)
+    ops_md = markdown_table(ops, ["op", "calls", "self_ms", "share"] + (["device_self_ms"] if cuda else []),
+                            ["{}", "{:.0f}", "{:.2f}", "{:.1%}"] + (["{:.2f}"] if cuda else []),
+                            ["op", "calls/step", "self ms/step", "share"] + (["device ms/step"] if cuda else []))
+    write_text(path("ops.md"), ops_md)
+    bar_chart_png(path("ops.png"), [r["op"] for r in ops], [r["self_ms"] for r in ops],
+                  f"self time per step by op, top {len(ops)} ({tag})")
 
-        crop = parse_hw(cfg.crop, "crop")
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
-        self.device = get_device(cfg.device)
-        root = cfg.data or default_dataset()
-        model = build_model(cfg.backbone, cfg.output_stride, num_classes=19).to(self.device.torch_device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.amp = Amp(cfg.opt_level, self.device.type,
-                       resolve_dtype(cfg.amp_dtype or "auto", self.device.autocast_dtype))
-        self.model = self.amp.prepare(model.train())
-        self.optimizer = build_sgd(self.amp.optim_params, lr=0.01)
-        self.loss_fn = functools.partial(seg_loss, aux_weight=0.4)
-        self.channels_last = channels_last
-        scale = (crop[1] * 2, crop[0] * 2)  # twice the crop, as Cityscapes' 2048x1024 for 512x1024
-        self.loader = build_train_loader(root, batch_size=cfg.batch_size, crop=crop, scale=scale,
-                                         workers=cfg.workers, seed=cfg.seed)
-        self._it = iter(self.loader)
+    if meter is not None:
+        times = {r["module"]: r for r in meter.table(steps)}
+    else:  # --compile: FLOPs only
+        times = {name: {"forward": None, "backward": None} for name in result["flops"]["modules"]}
+    modules = module_rows(times, result["flops"], summary["phases_ms"], step_ms)
+    write_json(path("modules.json"), {"depth": opts.depth, "rows": modules, "flops": result["flops"]})
+    mod_md = markdown_table(
+        modules, ["module", "fwd_ms", "bwd_ms", "fwd_gflop", "bwd_gflop", "fwd_gflops", "bwd_gflops", "share"],
+        ["{}", "{:.2f}", "{:.2f}", "{:.3f}", "{:.3f}", "{:.1f}", "{:.1f}", "{:.1%}"],
+        ["module", "fwd ms", "bwd ms", "fwd GFLOP", "bwd GFLOP", "fwd GFLOP/s", "bwd GFLOP/s", "share of step"])
+    mod_md += (f"\n\nPer step, mean of {steps} traced steps. {REST_ROW}: the rest of the forward phase (loss, final "
+               "upsampling, the meters' own bookkeeping) and of the backward phase (their backward, gradient "
+               "accumulation, DDP's wait for the last buckets).")
+    if meter is None:
+        mod_md += "\n--compile: the modules run fused in compiled graphs, so only their FLOPs are listed."
+    write_text(path("modules.md"), mod_md)
+    key, unit, what = ("ms", "ms", "time") if meter is not None else ("gflop", "GFLOP", "FLOPs")
+    stacked_bar_chart_png(path("modules.png"), [r["module"] for r in modules],
+                          {"forward": [max(r[f"fwd_{key}"], 0.0) for r in modules],
+                           "backward": [max(r[f"bwd_{key}"], 0.0) for r in modules]},
+                          f"{what} per step by module, depth {opts.depth} ({tag})", unit=unit)
 
-    def step(self) -> Tuple[float, float]:
-        t0 = time.perf_counter()
-        batch = next(self._it)
-        t1 = time.perf_counter()
-        train_one_step(self.model, batch.image, batch.label, self.amp, self.optimizer, self.loss_fn,
-                       self.device.torch_device, channels_last=self.channels_last)
-        self.device.synchronize()  # the step's time must include its device work
-        t2 = time.perf_counter()
-        return (t1 - t0) * 1000.0, (t2 - t1) * 1000.0
+    write_json(path("steps.json"), {"tolerance": TOLERANCE_TEXT, "summary": summary, "steps": result["steps"],
+                                    "losses": result["losses"], "allreduce": result["allreduce"]})
+    breakdown = [{"phase": p, "ms": v, "share": v / step_ms if step_ms else 0.0}
+                 for p, v in summary["phases_ms"].items()]
+    rows = breakdown + [{"phase": "sum of phases", "ms": summary["sum_ms"], "share": summary["sum_ms"] / step_ms},
+                        {"phase": "step (measured)", "ms": step_ms, "share": 1.0}]
+    br_md = markdown_table(rows, ["phase", "ms", "share"], ["{}", "{:.2f}", "{:.1%}"], ["phase", "ms/step", "share"])
+    verdict = "within" if summary["mean_within_tolerance"] else "OUTSIDE"
+    br_md += (f"\n\nSum of phases vs measured step: {verdict} the tolerance ({TOLERANCE_TEXT}) on the mean; "
+              f"{summary['steps_within_tolerance']}/{summary['steps']} steps within it individually.")
+    if result["allreduce"]:
+        a = result["allreduce"]
+        br_md += (f"\nDDP gradient all-reduce (inside backward, overlapped, not added): {a['buckets']:.0f} buckets, "
+                  f"{a['allreduce_ms']:.2f} ms summed over buckets, {a['span_ms']:.2f} ms from first to last.")
+    write_text(path("breakdown.md"), br_md)
+    bar_chart_png(path("breakdown.png"), [r["phase"] for r in rows], [r["ms"] for r in rows],
+                  f"step breakdown, mean of {steps} steps ({tag})")
 
-    def close(self) -> None:
-        self.loader.close()
+    step_s = step_ms / 1000.0
+    global_batch = training.batch_size * result["world_size"]
+    summary_json = {
+        "images_per_s": global_batch / step_s if step_s > 0 else 0.0, "step_ms": step_ms,
+        "flops_per_step": result["flops_per_step"], "flops_counted_by_modules": result["flops"]["total"],
+        "achieved_tflops": result["flops_per_step"] / step_s / 1e12 if step_s > 0 else 0.0,
+        "peak_tflops": result["peak_tflops"],
+        "mfu": (result["flops_per_step"] / step_s / (result["peak_tflops"] * 1e12)
+                if step_s > 0 and result["peak_tflops"] > 0 else 0.0),
+        "breakdown_within_tolerance": summary["mean_within_tolerance"], "tolerance": TOLERANCE_TEXT,
+        **{k: result[k] for k in ("world_size", "device", "threads", "cpu", "memory", "py_spy", "allreduce",
+                                  "ranks", "config", "options")},
+    }
+    files["summary.json"] = os.path.join(out, "summary.json")
+    summary_json["files"] = dict(files)
+    write_json(files["summary.json"], summary_json)
 
-
-def run_trace(cfg) -> dict:
-    if cfg.steps < 1 or cfg.warmup < 0:
-        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {cfg.steps} and {cfg.warmup}")
-    parse_hw(cfg.crop, "crop")
-    os.makedirs(cfg.out, exist_ok=True)
-    runner = StepRunner(cfg)
-    device = runner.device
-    timer = ModuleTimer(runner.model, depth=cfg.depth, sync=device.synchronize)
-    times = StepTimes()
-    try:
-        timer.enabled = False
-        for _ in range(cfg.warmup):
-            runner.step()
-        timer.enabled = True
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities, record_shapes=False) as prof:
-            for i in range(cfg.steps):
-                with torch.profiler.record_function(f"step_{i}"):
-                    times.add(*runner.step())
-                print(f"[trace] step {i + 1}/{cfg.steps}  data-wait {times.data_wait_ms[-1]:.1f} ms  "
-                      f"compute {times.compute_ms[-1]:.1f} ms", flush=True)
-    finally:
-        timer.remove()
-        runner.close()
-
-    prof.export_chrome_trace(os.path.join(cfg.out, "trace.json"))
-    ops = _op_rows(prof, cfg.top)
-    modules = timer.table(cfg.steps)
-    steps = times.summary()
-    images_per_s = cfg.batch_size * 1000.0 / max(steps["data_wait_ms"]["mean"] + steps["compute_ms"]["mean"], 1e-9)
-    result = {"config": vars(cfg) if not hasattr(cfg, "__dataclass_fields__") else
-              {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-              "steps": steps, "images_per_s": images_per_s, "ops": ops, "modules": modules}
-    write_json(os.path.join(cfg.out, "ops.json"), ops)
-    write_json(os.path.join(cfg.out, "modules.json"), modules)
-    write_json(os.path.join(cfg.out, "steps.json"), {"summary": steps, "data_wait_ms": times.data_wait_ms,
-                                                     "compute_ms": times.compute_ms})
-    ops_md = markdown_table(ops, ["op", "calls", "self_ms", "share"], ["{}", "{}", "{:.2f}", "{:.1%}"])
-    mod_md = markdown_table(modules, ["module", "ms_per_step", "share", "calls_per_step"],
-                            ["{}", "{:.2f}", "{:.1%}", "{:.0f}"])
-    with open(os.path.join(cfg.out, "ops.md"), "w") as f:
-        f.write(ops_md + "\n")
-    with open(os.path.join(cfg.out, "modules.md"), "w") as f:
-        f.write(mod_md + "\n")
-    bar_chart_png(os.path.join(cfg.out, "ops.png"), [r["op"] for r in ops], [r["self_ms"] / cfg.steps for r in ops],
-                  f"self time per step by op ({cfg.backbone}, {cfg.crop}, batch {cfg.batch_size}, {cfg.opt_level})")
-    bar_chart_png(os.path.join(cfg.out, "modules.png"), [r["module"] for r in modules],
-                  [r["ms_per_step"] for r in modules], f"forward time per step by module (depth {cfg.depth})")
-    print("\nper-op self time (all steps):\n" + ops_md)
-    print("\nper-module forward time:\n" + mod_md)
-    print(f"\ndata-wait {steps['data_wait_ms']['mean']:.1f} ms vs compute {steps['compute_ms']['mean']:.1f} ms "
-          f"per step ({steps['data_wait_share']:.1%} waiting); {images_per_s:.1f} images/s")
-    return result
+    say("\nper-op self time (top %d):\n%s" % (len(ops), ops_md))
+    say("\nper-module time and FLOPs:\n" + mod_md)
+    say("\nstep breakdown:\n" + br_md)
+    mem = result["memory"]
+    gib = 2.0 ** 30
+    mem_txt = (f"peak RSS {mem['training']['peak_rss_bytes'] / gib:.2f} GiB untraced, "
+               f"{mem['traced']['peak_rss_bytes'] / gib:.2f} GiB traced")
+    if "max_allocated_bytes" in mem["traced"]:
+        mem_txt += (f"; device max allocated {mem['training']['max_allocated_bytes'] / gib:.2f} GiB "
+                    f"(reserved {mem['training']['max_reserved_bytes'] / gib:.2f})")
+    say(f"\n{summary_json['images_per_s']:.2f} images/s, {summary_json['achieved_tflops'] * 1e3:.1f} GFLOP/s "
+        f"achieved of {result['peak_tflops'] * 1e3:.1f} peak: MFU {summary_json['mfu']:.1%} "
+        f"({result['flops_per_step'] / 1e9:.2f} GFLOP/step/rank); {mem_txt}")
+    for rec in result["py_spy"] or []:
+        say(f"py-spy: {rec['svg']} ({rec.get('samples', 0)} samples)" if rec["ok"] else f"py-spy: {rec['message']}")
+    say("\nfiles:\n" + "\n".join(f"  {name:<13} {p}" for name, p in files.items()))
