@@ -69,11 +69,14 @@ class Device:
             self.module.synchronize()
 
     def max_memory_bytes(self) -> int:
-        """Peak device memory on accelerators; resident set size of this process on the CPU."""
+        """Peak device memory on accelerators; on the CPU the peak resident set size of this
+        process so far (the current RSS would miss the activations, freed by the time it is read)."""
         if self.module is not None:
             return int(self.module.max_memory_allocated())
-        import psutil
-        return int(psutil.Process().memory_info().rss)
+        import resource
+        import sys
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
 
     def timer(self) -> "EventTimer":
         return EventTimer(self)

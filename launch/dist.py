@@ -180,7 +180,9 @@ def launch_elastic(script: str, argv: Sequence[str], cfg) -> int:
         return 0
     except ChildFailedError as exc:
         for rank, failure in sorted(exc.failures.items()):
-            message = failure.message if isinstance(failure.message, str) else str(failure.message)
+            # @record's error file gives a dict ({"message": ..., "extraInfo": ...}); else a string
+            message = (failure.message.get("message", str(failure.message)) if isinstance(failure.message, dict)
+                       else str(failure.message))
             print(f"[launcher] rank {rank} (pid {failure.pid}) failed with exit code {failure.exitcode}: "
                   f"{message.strip().splitlines()[-1] if message.strip() else '(no error recorded)'}",
                   file=sys.stderr, flush=True)
