@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 from typing import Callable, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from core.cpu import cpu_flags, cpu_model
 
 PEAK_CACHE_NAME = "peak_tflops.json"
 CLEAN_CPU_SHARE = 0.85  # below this share of the cores, another process was competing
@@ -110,32 +111,15 @@ def cache_key(device: torch.device, dtype: torch.dtype) -> str:
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cpu":
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as fh:
-                for line in fh:
-                    if line.startswith("model name"):
-                        name = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        return f"cpu:{name}"
+        return f"cpu:{cpu_model()}"
     mod = getattr(torch, device.type)
     return f"{device.type}:{mod.get_device_name(device)}"
 
 
 def _cpu_features() -> str:
-    """The GEMM-relevant ISA as torch sees it and as /proc/cpuinfo lists it (two machines with the
+    """The GEMM-relevant ISA as torch sees it and as the CPU flags list it (two machines with the
     same model name can expose different flags under different hypervisors)."""
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    flags = cpu_flags()
     return ",".join([torch.backends.cpu.get_cpu_capability()] + [f for f in CPU_FLAGS if f in flags])
 
 

@@ -44,9 +44,10 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from core.config import TrainConfig, _f, build_parser, field_names, parse_config  # noqa: E402
+from core.cpu import bf16_here  # noqa: E402
 from launch import tune_trial as trial_io  # noqa: E402
 from launch.dist import cpu_threads  # noqa: E402
-from launch.tune_space import (DIMS, ORDER, Dim, cpu_bf16_here, default_values, device_type,  # noqa: E402
+from launch.tune_space import (DIMS, ORDER, Dim, default_values, device_type,  # noqa: E402
                                numerics_changes, per_rank_batch, settings)
 
 PROG = "launch/tune.py"
@@ -125,7 +126,7 @@ class Tuner:
                     raise ValueError(f"{flag}: give at least one value")
                 if name == "precision" and self.dev == "cpu" and any(v.get("amp_dtype", "auto") in ("auto", "bfloat16")
                                                                      and v["opt_level"] != "O0" for v in values):
-                    ok, why = cpu_bf16_here()
+                    ok, why = bf16_here()
                     if not ok:
                         self.notes.append(f"precision: bf16 levels run as asked, but expect them slow: {why}")
             if name == "pack" and values:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from core.config import TrainConfig
-from launch import tune_trial as trial_io
+from core.cpu import bf16_here
 from launch.dist import cpu_threads
 
 ORDER = ("procs-threads", "batch-size", "precision", "channels-last", "norm", "compile", "workers", "prefetch",
@@ -130,11 +130,6 @@ def numerics_changes(cfg: TrainConfig, base: TrainConfig, dev: str) -> List[str]
     return notes
 
 
-def cpu_bf16_here() -> Tuple[bool, str]:
-    import torch
-    return trial_io.cpu_bf16(trial_io.cpu_flags(), torch.backends.cpu.get_cpu_capability())
-
-
 def default_values(name: str, base: TrainConfig, dev: str, cores: int) -> Tuple[Optional[List[Dict]], str]:
     """(values, note) of a dimension the user gave no --try-<name> for; values None = computed
     from the incumbent when the dimension's turn comes (the batch: the current one and twice it)."""
@@ -146,7 +141,7 @@ def default_values(name: str, base: TrainConfig, dev: str, cores: int) -> Tuple[
         return None, ""
     if name == "precision":
         if dev == "cpu":
-            ok, why = cpu_bf16_here()
+            ok, why = bf16_here()
             if not ok:
                 return [{"opt_level": "O0"}], f"precision: bf16 opt levels left out: {why}"
             low = ["bfloat16"]

@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 from core.config import field_names, parse_config
+from core.cpu import cpu_bf16
 from launch import tune, tune_report, tune_trial
 from launch.tune_space import default_values
 
@@ -196,13 +197,13 @@ def test_failure_reasons(returncode, stderr, status, reason):
 
 
 def test_bf16_gating_follows_the_cpu_flags():
-    assert tune_trial.cpu_bf16({"avx2", "fma"}, "AVX2")[0] is False  # e.g. Zen 3: emulated bf16
-    assert tune_trial.cpu_bf16({"avx512f", "avx512_bf16"}, "AVX512")[0] is True  # e.g. Zen 4
-    assert tune_trial.cpu_bf16({"avx512f", "amx_bf16"}, "AVX512")[0] is True  # e.g. Sapphire Rapids
-    ok, why = tune_trial.cpu_bf16({"avx512f", "avx512_bf16"}, "AVX2")  # ATEN_CPU_CAPABILITY=avx2
+    assert cpu_bf16({"avx2", "fma"}, "AVX2")[0] is False  # e.g. Zen 3: emulated bf16
+    assert cpu_bf16({"avx512f", "avx512_bf16"}, "AVX512")[0] is True  # e.g. Zen 4
+    assert cpu_bf16({"avx512f", "amx_bf16"}, "AVX512")[0] is True  # e.g. Sapphire Rapids
+    ok, why = cpu_bf16({"avx512f", "avx512_bf16"}, "AVX2")  # ATEN_CPU_CAPABILITY=avx2
     assert not ok and "AVX2" in why
-    assert tune_trial.cpu_bf16({"fp", "asimd", "bf16"}, "DEFAULT")[0] is True  # arm64 with bf16
-    assert tune_trial.cpu_bf16({"fp", "asimd"}, "DEFAULT")[0] is False
+    assert cpu_bf16({"fp", "asimd", "bf16"}, "DEFAULT")[0] is True  # arm64 with bf16
+    assert cpu_bf16({"fp", "asimd"}, "DEFAULT")[0] is False
 
 
 def test_bf16_gating_on_this_machine():
