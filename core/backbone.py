@@ -5,6 +5,10 @@ conv, names `conv1`/`bn1`, the torchvision layout), depths 18/34/50/101, output 
 (strides 1,2,1,1 / dilations 1,1,2,4) or 16 (strides 1,2,2,1 / dilations 1,1,1,2), with mmseg's
 contract_dilation: the first block of a dilated stage uses half the stage's dilation.
 Style "pytorch": the stride sits on the 3x3 conv of a bottleneck.
+
+`norm_layer` is a BatchNorm class or a core.norm.NormSpec (the `norm` choice of build_model). With
+a memory-saving norm the BN modules apply the activation themselves (the blocks' ReLU is then
+skipped there), and with inplace-abn-residual the last BN of a block also takes the shortcut.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from core.norm import norm_spec
 
 DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
           50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
@@ -24,59 +30,75 @@ def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    def _set_norm(self, norm_layer) -> None:
+        norm = norm_spec(norm_layer)
+        self.fused_act, self.fused_residual = norm.fuses_act, norm.fuses_residual
+        self.relu = nn.ReLU(inplace=True)
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        # A fused norm has applied the activation already.
+        return x if self.fused_act else self.relu(x)
+
+    def _add_act(self, bn: nn.Module, out: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+        if self.fused_residual:
+            return bn(out, identity)  # BN, + shortcut, leaky ReLU: one op that keeps only its output
+        return self.relu(bn(out) + identity)
+
+
+class BasicBlock(_Block):
     expansion = 1
     CONV_BN_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def __init__(self, inplanes: int, planes: int, stride: int, dilation: int,
-                 downsample: nn.Module | None, norm_layer: type):
+                 downsample: nn.Module | None, norm_layer):
         super().__init__()
+        norm = norm_spec(norm_layer)
         self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
-        self.bn1 = norm_layer(planes)
+        self.bn1 = norm.bn_act(planes)
         # mmseg's BasicBlock dilates only its first conv.
         self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
-        self.relu = nn.ReLU(inplace=True)
+        self.bn2 = norm.bn_add_act(planes)
+        self._set_norm(norm)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        out = self._act(self.bn1(self.conv1(x)))
+        return self._add_act(self.bn2, self.conv2(out), identity)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     expansion = 4
     CONV_BN_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def __init__(self, inplanes: int, planes: int, stride: int, dilation: int,
-                 downsample: nn.Module | None, norm_layer: type):
+                 downsample: nn.Module | None, norm_layer):
         super().__init__()
+        norm = norm_spec(norm_layer)
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = norm_layer(planes)
+        self.bn1 = norm.bn_act(planes)
         self.conv2 = _conv3x3(planes, planes, stride, dilation)
-        self.bn2 = norm_layer(planes)
+        self.bn2 = norm.bn_act(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = norm_layer(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
+        self.bn3 = norm.bn_add_act(planes * self.expansion)
+        self._set_norm(norm)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out = self._act(self.bn1(self.conv1(x)))
+        out = self._act(self.bn2(self.conv2(out)))
+        return self._add_act(self.bn3, self.conv3(out), identity)
 
 
 def _make_layer(block: type, inplanes: int, planes: int, blocks: int, stride: int, dilation: int,
-                contract_dilation: bool, norm_layer: type) -> Tuple[nn.Sequential, int]:
+                contract_dilation: bool, norm_layer) -> Tuple[nn.Sequential, int]:
     downsample = None
     if stride != 1 or inplanes != planes * block.expansion:
         downsample = nn.Sequential(
             nn.Conv2d(inplanes, planes * block.expansion, 1, stride=stride, bias=False),
-            norm_layer(planes * block.expansion))
+            norm_spec(norm_layer).bn(planes * block.expansion))
     first_dilation = dilation // 2 if (contract_dilation and dilation > 1) else dilation
     layers = [block(inplanes, planes, stride, first_dilation, downsample, norm_layer)]
     inplanes = planes * block.expansion
@@ -90,7 +112,7 @@ class ResNet(nn.Module):
 
     def __init__(self, depth: int = 50, deep_stem: bool = True, output_stride: int = 8,
                  base_channels: int = 64, contract_dilation: bool = True,
-                 norm_layer: type = nn.BatchNorm2d, in_channels: int = 3):
+                 norm_layer=nn.BatchNorm2d, in_channels: int = 3):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
@@ -102,20 +124,24 @@ class ResNet(nn.Module):
         block = BasicBlock if kind == "basic" else Bottleneck
         strides, dilations = OUTPUT_STRIDES[output_stride]
         self.depth, self.deep_stem, self.output_stride = depth, deep_stem, output_stride
+        norm = norm_layer = norm_spec(norm_layer)
+
+        def act() -> nn.Module:  # a fused norm applies the activation itself
+            return nn.Identity() if norm.fuses_act else nn.ReLU(inplace=True)
 
         stem = base_channels
         if deep_stem:
             self.stem = nn.Sequential(
                 nn.Conv2d(in_channels, stem // 2, 3, stride=2, padding=1, bias=False),
-                norm_layer(stem // 2), nn.ReLU(inplace=True),
+                norm.bn_act(stem // 2), act(),
                 nn.Conv2d(stem // 2, stem // 2, 3, padding=1, bias=False),
-                norm_layer(stem // 2), nn.ReLU(inplace=True),
+                norm.bn_act(stem // 2), act(),
                 nn.Conv2d(stem // 2, stem, 3, padding=1, bias=False),
-                norm_layer(stem), nn.ReLU(inplace=True))
+                norm.bn_act(stem), act())
         else:
             self.conv1 = nn.Conv2d(in_channels, stem, 7, stride=2, padding=3, bias=False)
-            self.bn1 = norm_layer(stem)
-            self.relu = nn.ReLU(inplace=True)
+            self.bn1 = norm.bn_act(stem)
+            self.relu = act()
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
 
         inplanes = stem

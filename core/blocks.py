@@ -1,8 +1,9 @@
 """Conv + BN + activation blocks, and folding BN into convs for inference.
 
 `ConvBNAct` keeps mmcv ConvModule's parameter names (`conv`, `bn`) so mmseg head checkpoints
-load unchanged. Folding replaces a BN by Identity and moves its affine transform into the conv's
-weight and bias; module names stay, so a folded backbone still says `conv1`, `layer1.0.conv2`...
+load unchanged. Folding replaces a BN by Identity (a core.norm.BatchNormAct2d by the activation
+it applied) and moves its affine transform into the conv's weight and bias; module names stay,
+so a folded backbone still says `conv1`, `layer1.0.conv2`...
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from core.norm import NormSpec, norm_spec
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -37,18 +40,23 @@ class PoolBatchNorm2d(nn.BatchNorm2d):
 
 
 class ConvBNAct(nn.Module):
-    """Conv2d (no bias) -> BatchNorm2d -> ReLU, the atrous building block of the heads."""
+    """Conv2d (no bias) -> BatchNorm2d -> ReLU, the atrous building block of the heads.
+
+    norm_layer: a BatchNorm class, or a core.norm.NormSpec; with a memory-saving norm the BN
+    module applies the activation itself and `act` is Identity.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
                  dilation: int = 1, padding: Optional[int] = None, act: bool = True,
-                 norm_layer: type = nn.BatchNorm2d):
+                 norm_layer: "type | NormSpec" = nn.BatchNorm2d):
         super().__init__()
         if padding is None:
             padding = (kernel_size // 2) * dilation
+        norm = norm_spec(norm_layer)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
                               padding=padding, dilation=dilation, bias=False)
-        self.bn = norm_layer(out_channels)
-        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+        self.bn = norm.bn_act(out_channels) if act else norm.bn(out_channels)
+        self.act = nn.ReLU(inplace=True) if act and not norm.fuses_act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
@@ -57,8 +65,14 @@ class ConvBNAct(nn.Module):
         """Fold the BN into the conv (inference only: uses the running statistics)."""
         if isinstance(self.bn, _BatchNorm):
             self.conv = fold_conv_bn(self.conv, self.bn)
-            self.bn = nn.Identity()
+            self.bn = folded_replacement(self.bn)
         return self
+
+
+def folded_replacement(bn: nn.Module) -> nn.Module:
+    """What takes a folded BN's place: Identity, or the activation a BatchNormAct2d applied."""
+    folded = getattr(bn, "folded_activation", None)
+    return folded() if folded is not None else nn.Identity()
 
 
 @torch.no_grad()
@@ -116,7 +130,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
             conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
             if isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm):
                 setattr(module, conv_name, fold_conv_bn(conv, bn))
-                setattr(module, bn_name, nn.Identity())
+                setattr(module, bn_name, folded_replacement(bn))
     model.fused = True
     return model
 

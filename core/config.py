@@ -52,6 +52,10 @@ class TrainConfig:
     load_from: Optional[str] = _f(None, "whole-model checkpoint to start training from (mmseg's load_from): ours or "
                                   "an mmseg 0.x/1.x DeepLabV3 .pth; weights only, optimizer and schedule start fresh")
     sync_bn: bool = _f(False, "synchronise BatchNorm statistics across ranks (SyncBatchNorm)")
+    norm: str = _f("bn", "BatchNorm flavour (core/norm.py): bn = mmseg's BN + ReLU; inplace-abn = BN + leaky "
+                   "ReLU(0.01) keeping only outputs (less activation memory, a different network); "
+                   "inplace-abn-residual = also fuses the residual add (leaky after the add too)",
+                   ["bn", "inplace-abn", "inplace-abn-residual"])
     channels_last: bool = _f(True, "run the model in channels_last memory format")
     compile: bool = _f(False, "torch.compile the model (dynamic=False): every shape is static, so the train step "
                        "and the evaluation each compile once, at the first step / first evaluation")

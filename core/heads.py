@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from core.blocks import ConvBNAct, PoolBatchNorm2d, mean_over_valid
+from core.norm import NormSpec, norm_spec
 
 
 class ImagePool(nn.Module):
@@ -20,11 +21,14 @@ class ImagePool(nn.Module):
     `image_pool = Sequential(AdaptiveAvgPool2d(1), ConvModule(...))`, so keys read
     `image_pool.1.conv.weight`."""
 
-    def __init__(self, in_channels: int, channels: int, norm_layer: type):
+    def __init__(self, in_channels: int, channels: int, norm_layer):
         super().__init__()
         self.add_module("0", nn.Identity())  # placeholder for mmseg's pooling layer (no params)
-        pool_norm = PoolBatchNorm2d if norm_layer is nn.BatchNorm2d else norm_layer
-        self.add_module("1", ConvBNAct(in_channels, channels, 1, norm_layer=pool_norm))
+        norm = norm_spec(norm_layer)
+        # One value per channel at batch 1: PoolBatchNorm2d handles it (BatchNormAct2d does itself).
+        if norm.norm == "bn" and norm.bn_class is nn.BatchNorm2d:
+            norm = NormSpec("bn", PoolBatchNorm2d)
+        self.add_module("1", ConvBNAct(in_channels, channels, 1, norm_layer=norm))
 
     def forward(self, x: torch.Tensor, valid_hw: Optional[torch.Tensor] = None) -> torch.Tensor:
         pooled = mean_over_valid(x, valid_hw)
@@ -35,7 +39,7 @@ class ImagePool(nn.Module):
 class ASPPHead(nn.Module):
     def __init__(self, in_channels: int, channels: int, num_classes: int,
                  dilations: Sequence[int] = (1, 12, 24, 36), dropout: float = 0.1,
-                 norm_layer: type = nn.BatchNorm2d):
+                 norm_layer=nn.BatchNorm2d):
         super().__init__()
         self.image_pool = ImagePool(in_channels, channels, norm_layer)
         self.aspp_modules = nn.ModuleList(
@@ -58,7 +62,7 @@ class FCNHead(nn.Module):
     """mmseg's FCNHead with num_convs=1, concat_input=False (the DeepLabV3 auxiliary head)."""
 
     def __init__(self, in_channels: int, channels: int, num_classes: int, num_convs: int = 1,
-                 dropout: float = 0.1, norm_layer: type = nn.BatchNorm2d):
+                 dropout: float = 0.1, norm_layer=nn.BatchNorm2d):
         super().__init__()
         convs = [ConvBNAct(in_channels if i == 0 else channels, channels, 3, norm_layer=norm_layer)
                  for i in range(num_convs)]

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from core.norm import NORMS
 from core.safe_pickle import safe_load
 
 # layer3 blocks of each (block kind, depth), as in core/backbone.py's DEPTHS.
@@ -222,6 +223,9 @@ def infer_settings(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any], pa
     settings = {"backbone": f"r{depth}{style}", "num_classes": int(sd["decode_head.conv_seg.weight"].shape[0]),
                 "base_channels": int(sd["backbone.layer1.0.conv1.weight"].shape[0]),
                 "output_stride": _output_stride(config, path, notes)}
+    if config.get("norm") in NORMS and config.get("norm") != "bn":
+        # The weights cannot tell the norms apart (same keys); ours store it, mmseg's are plain BN.
+        settings["norm"] = config["norm"]
     return settings, any(k.startswith("auxiliary_head.") for k in sd)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from core.backbone import ResNet
 from core.heads import ASPPHead, FCNHead
+from core.norm import NORMS, norm_spec
 
 # mmseg configs: R50/R101 use ASPP channels 512 and aux 256; R18/R34 use 128 and 64
 # (configs/deeplabv3/deeplabv3_r18-d8_*.py).
@@ -66,20 +67,26 @@ def parse_backbone(name: str):
 def build_model(backbone: str = "r50", output_stride: int = 8, num_classes: int = 19,
                 aux_head: bool = True, pretrained: Optional[str] = None,
                 norm_layer: Optional[type] = None, base_channels: int = 64,
-                dropout: float = 0.1) -> DeepLabV3:
+                dropout: float = 0.1, norm: str = "bn") -> DeepLabV3:
     """Build any DeepLabV3 variant.
 
     backbone: r18, r34, r50, r101 (ResNetV1c deep stem) or r18-v1b ... r101-v1b (7x7 stem).
     pretrained: a local backbone checkpoint (mmcv resnet*_v1c or torchvision resnet layout).
     base_channels: width of the first stage (64 in the paper); smaller values give tiny models
         for tests; head widths scale with it.
+    norm: one of core.norm.NORMS. 'bn' (default) is mmseg's BatchNorm + ReLU; 'inplace-abn' and
+        'inplace-abn-residual' save activation memory with leaky ReLU (see core/norm.py for what
+        that changes). Same state-dict keys for every choice. norm_layer replaces nn.BatchNorm2d
+        for norm='bn'.
     """
     depth, deep_stem = parse_backbone(backbone)
     if output_stride not in ASPP_DILATIONS:
         raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    norm_layer = norm_layer or nn.BatchNorm2d
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
+    norm_layer = norm_spec(norm, norm_layer)
     net = ResNet(depth=depth, deep_stem=deep_stem, output_stride=output_stride,
                  base_channels=base_channels, norm_layer=norm_layer)
     aspp_ch, aux_ch = (c * base_channels // 64 for c in HEAD_CHANNELS[depth])

@@ -6,6 +6,10 @@ on the CPU it installs CpuSyncBatchNorm, which computes the same thing with plai
 per-rank (count, mean, M2) are all-gathered and combined with Chan et al.'s parallel-variance
 formula (numerically as good as one big batch), and the backward all-reduces the two sums BN's
 input gradient needs.
+
+core.norm.BatchNormAct2d (the memory-saving norms) synchronises itself with the same collectives
+on any backend (gloo, NCCL, HCCL); converting only switches that on, on every device, and keeps
+the module (replacing it with a SyncBatchNorm would drop its activation).
 """
 from __future__ import annotations
 
@@ -100,15 +104,19 @@ class _CpuSyncBN(torch.autograd.Function):
 
 def convert_sync_batchnorm(module: nn.Module, device_type: str = "cpu", process_group=None) -> nn.Module:
     """Every BatchNorm of `module` -> a synchronised one: torch's nn.SyncBatchNorm on
-    accelerators (torch.nn.SyncBatchNorm.convert_sync_batchnorm), CpuSyncBatchNorm on the CPU."""
-    if device_type != "cpu":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
-    return _convert_cpu(module, process_group)
+    accelerators (torch.nn.SyncBatchNorm.convert_sync_batchnorm), CpuSyncBatchNorm on the CPU.
+    core.norm.BatchNormAct2d layers stay as they are, with their own synchronisation enabled."""
+    return _convert(module, process_group, device_type)
 
 
-def _convert_cpu(module: nn.Module, process_group) -> nn.Module:
+def _convert(module: nn.Module, process_group, device_type: str) -> nn.Module:
+    from core.norm import BatchNormAct2d
     out = module
-    if isinstance(module, _BatchNorm) and not isinstance(module, CpuSyncBatchNorm):
+    if isinstance(module, BatchNormAct2d):
+        module.enable_sync(process_group)
+    elif isinstance(module, _BatchNorm) and device_type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)  # as before, per BN
+    elif isinstance(module, _BatchNorm) and not isinstance(module, CpuSyncBatchNorm):
         out = CpuSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                module.track_running_stats, process_group=process_group)
         with torch.no_grad():
@@ -119,5 +127,5 @@ def _convert_cpu(module: nn.Module, process_group) -> nn.Module:
                 out.num_batches_tracked = module.num_batches_tracked
         out.train(module.training)
     for name, child in module.named_children():
-        out.add_module(name, _convert_cpu(child, process_group))
+        out.add_module(name, _convert(child, process_group, device_type))
     return out

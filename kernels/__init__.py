@@ -1,9 +1,10 @@
 """Fast data-path and evaluation kernels.
 
-`from kernels import ops` gives seven typed operations (crop-aware resize, label histogram,
-photometric distortion, normalize, label lookup, confusion matrix, polygon fill). Each one runs
-in the C++ extension `kernels._C` (built by `pip install -e .`) or in a pure numpy/torch
-reference (`kernels.reference`) with the same signature and the same result.
+`from kernels import ops` gives the typed operations: crop-aware resize, label histogram,
+photometric distortion, normalize, label lookup, confusion matrix, polygon fill, and the four
+steps of BatchNorm + activation (bn_act_*, for core/norm.py). Each one runs in the C++ extension
+`kernels._C` (built by `pip install -e .`) or in a pure numpy/torch reference (`kernels.reference`,
+`kernels.reference_bn`) with the same signature and the same result.
 
 The reference is selected with `kernels.use_reference(True)` or by starting the process with
 the environment variable KERNELS_REFERENCE=1. Otherwise the C++ path is used, and if the

@@ -11,10 +11,12 @@ import numpy as np
 import torch
 
 from . import reference as _ref
+from . import reference_bn as _bn
 from . import reference_enabled
 
 __all__ = ["backend", "resize_crop", "label_histogram", "photometric", "normalize", "label_lookup",
-           "confusion_matrix", "fill_polygons"]
+           "confusion_matrix", "fill_polygons", "bn_act_stats", "bn_act_forward", "bn_act_backward_reduce",
+           "bn_act_backward"]
 
 _BUILD_HINT = ("the C++ extension kernels._C is not built. Build it with `pip install -e .` (or "
                "`python setup.py build_ext --inplace`) in the repository root, or set "
@@ -135,3 +137,78 @@ def fill_polygons(canvas: np.ndarray, polygons, values, num_threads: int | None 
     lib = _lib()
     arrays, ints = _ref.check_polygons(canvas, polygons, values)
     return lib.fill_polygons(canvas, arrays, ints, _ref.check_num_threads(num_threads))
+
+
+# ---- BatchNorm + activation (core/norm.py): channels-last float32 [M, C] CPU tensors ----------
+# act(v) = v if v > 0 else slope * v (slope 0.01 leaky ReLU, 1 identity, 0 ReLU). Per-channel
+# arguments are float32 [C]; per-channel results are float64 [C]. The four steps are separate so
+# that SyncBN can all-reduce the statistics and the two backward sums between them.
+
+def _np(t, name: str) -> np.ndarray:
+    """The numpy view the C++ side reads (it checks ndim, contiguity and shapes itself)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor, got device {t.device}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must have dtype float32, got {str(t.dtype).replace('torch.', '')}")
+    return t.detach().numpy()
+
+
+def _np_opt(t, name: str):
+    return None if t is None else _np(t, name)
+
+
+def bn_act_stats(x: torch.Tensor, num_threads: int | None = None) -> tuple:
+    """(mean, var): float64 [C] per-channel mean and biased variance of x [M, C]."""
+    if reference_enabled():
+        return _bn.bn_act_stats(x, num_threads)
+    mean, var = _lib().bn_act_stats(_np(x, "x"), _ref.check_num_threads(num_threads))
+    return torch.from_numpy(mean), torch.from_numpy(var)
+
+
+def bn_act_forward(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor, slope: float = 0.01, residual: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None, num_threads: int | None = None) -> torch.Tensor:
+    """act(x * a + b [+ residual]), a = invstd * weight, b = bias - mean * a; out may be x (in place)."""
+    if reference_enabled():
+        return _bn.bn_act_forward(x, mean, invstd, weight, bias, slope, residual, out, num_threads)
+    slope = _bn.check_slope(slope, False)
+    result = _lib().bn_act_forward(_np(x, "x"), _np(mean, "mean"), _np(invstd, "invstd"), _np(weight, "weight"),
+                                   _np(bias, "bias"), slope, _np_opt(residual, "residual"), _np_opt(out, "out"),
+                                   _ref.check_num_threads(num_threads))
+    return out if out is not None else torch.from_numpy(result)
+
+
+def bn_act_backward_reduce(src: torch.Tensor, dy: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                           weight: torch.Tensor, bias: torch.Tensor, slope: float = 0.01, src_is_output: bool = True,
+                           residual: torch.Tensor | None = None, dresidual: torch.Tensor | None = None,
+                           num_threads: int | None = None) -> tuple:
+    """(sum_g, sum_g_xhat): float64 [C] sums of g = dy * act'(.) and g * x_hat, x_hat rebuilt from src:
+    the forward's output y (src_is_output; slope > 0) or its input x. dresidual, if given, receives g."""
+    if reference_enabled():
+        return _bn.bn_act_backward_reduce(src, dy, mean, invstd, weight, bias, slope, src_is_output, residual,
+                                          dresidual, num_threads)
+    slope = _bn.check_slope(slope, _ref.check_flag(src_is_output, "src_is_output"))
+    sum_g, sum_gx = _lib().bn_act_backward_reduce(
+        _np(src, "src"), _np(dy, "dy"), _np(mean, "mean"), _np(invstd, "invstd"), _np(weight, "weight"),
+        _np(bias, "bias"), slope, src_is_output, _np_opt(residual, "residual"), _np_opt(dresidual, "dresidual"),
+        _ref.check_num_threads(num_threads))
+    return torch.from_numpy(sum_g), torch.from_numpy(sum_gx)
+
+
+def bn_act_backward(src: torch.Tensor, dy: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                    weight: torch.Tensor, bias: torch.Tensor, mean_g: torch.Tensor, mean_g_xhat: torch.Tensor,
+                    slope: float = 0.01, src_is_output: bool = True, residual: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None, num_threads: int | None = None) -> torch.Tensor:
+    """dx = (g - mean_g - x_hat * mean_g_xhat) * weight * invstd, mean_g / mean_g_xhat being the
+    sums of bn_act_backward_reduce divided by the (global) row count."""
+    if reference_enabled():
+        return _bn.bn_act_backward(src, dy, mean, invstd, weight, bias, mean_g, mean_g_xhat, slope, src_is_output,
+                                   residual, out, num_threads)
+    slope = _bn.check_slope(slope, _ref.check_flag(src_is_output, "src_is_output"))
+    result = _lib().bn_act_backward(
+        _np(src, "src"), _np(dy, "dy"), _np(mean, "mean"), _np(invstd, "invstd"), _np(weight, "weight"),
+        _np(bias, "bias"), _np(mean_g, "mean_g"), _np(mean_g_xhat, "mean_g_xhat"), slope, src_is_output,
+        _np_opt(residual, "residual"), _np_opt(out, "out"), _ref.check_num_threads(num_threads))
+    return out if out is not None else torch.from_numpy(result)

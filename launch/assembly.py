@@ -82,7 +82,7 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return build(backbone=cfg.backbone, output_stride=cfg.output_stride, num_classes=cfg.num_classes,
-                     aux_head=True, pretrained=cfg.pretrained, base_channels=cfg.base_channels)
+                     aux_head=True, pretrained=cfg.pretrained, base_channels=cfg.base_channels, norm=cfg.norm)
 
 
 def loader_waits(cfg: TrainConfig, env: dist.DistEnv, stop=None) -> dict:

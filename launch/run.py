@@ -45,7 +45,7 @@ from launch.assembly import (build_model, build_training, compile_model, compile
 # job's first attempt only, so tests can check that one failing rank brings the whole job down and
 # that --max-restarts brings it back (tests/test_launch_run.py, tests/test_launch_elastic.py).
 FAIL_AT_ENV = "DEEPLAB_TEST_FAIL_AT"
-ARCH_FIELDS = ("backbone", "output_stride", "num_classes", "base_channels")
+ARCH_FIELDS = ("backbone", "output_stride", "num_classes", "base_channels", "norm")  # what the weights belong to
 
 
 def run_evaluation(cfg: TrainConfig, model, amp: Amp, device, env: dist.DistEnv, data_root: str, stop=None):
@@ -198,7 +198,7 @@ def eval_only(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str) -> in
     ckpt = read_checkpoint(path)
     # The architecture is the checkpoint's, so evaluating needs no model flags; what else its
     # config says about the model (e.g. the norm) is used too when the file is one of ours.
-    stored = {k: v for k, v in ckpt.config.items() if k in MODEL_FIELDS} if ckpt.source == "deeplab-trainer" else {}
+    stored = {k: v for k, v in ckpt.config.items() if k in ARCH_FIELDS} if ckpt.source == "deeplab-trainer" else {}
     arch = {k: v for k, v in {**stored, **ckpt.settings}.items() if v != getattr(cfg, k)}
     if env.is_main:
         print(f"{path}: {ckpt.describe()}" + (f"; using its model settings {arch}" if arch else ""), flush=True)
@@ -221,9 +221,6 @@ def eval_only(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str) -> in
         save_json(metrics, out, checkpoint=os.path.abspath(path))
         print(f"metrics written to {out}", flush=True)
     return 0
-
-
-MODEL_FIELDS = ARCH_FIELDS  # config fields that change the network a checkpoint's weights belong to
 
 
 def main(cfg: TrainConfig) -> int:

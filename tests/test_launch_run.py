@@ -275,3 +275,16 @@ def test_compiled_training_and_evaluation_compile_once_and_match_eager(tmp_path)
     c_loss = [r["loss"] for r in recs if r["type"] == "train"]
     e_loss = [r["loss"] for k, r in sorted(train_records(str(tmp_path / "e"))[0].items())]
     assert c_loss == pytest.approx(e_loss, rel=1e-3)  # inductor may reorder float sums, nothing more
+
+
+def test_a_memory_saving_norm_trains_and_eval_only_rebuilds_it_from_the_checkpoint(tmp_path):
+    args = TINY + ["--iters", "2", "--norm", "inplace-abn-residual", "--eval-max-images", "2",
+                   "--eval-interval", "2", "--work-dir", str(tmp_path)]
+    proc = run(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, evals = train_records(str(tmp_path))
+    again = run(["--eval-only", "--checkpoint", str(tmp_path / "iter_2.pt"), "--work-dir", str(tmp_path / "e"),
+                 "--threads", "1", "--workers", "1", "--eval-max-images", "2"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "'norm': 'inplace-abn-residual'" in again.stdout  # the activation is part of the architecture
+    assert json.load(open(tmp_path / "e" / "eval_iter_2.json"))["mIoU"] == evals[-1]["mIoU"]

@@ -87,3 +87,15 @@ def test_inconsistent_values_are_rejected():
         parse_config(["--nnodes", "2", "--node-rank", "2"])
     with pytest.raises(ValueError, match="--iters"):
         parse_config(["--iters", "0"])
+
+
+def test_norm_and_backbone_choices_are_the_model_builders():
+    # The config lists choices as literals (it imports no torch); they must be what core builds.
+    import dataclasses
+
+    from core.config import TrainConfig
+    from core.model import BACKBONES
+    from core.norm import NORMS
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert tuple(fields["norm"].metadata["choices"]) == NORMS
+    assert set(fields["backbone"].metadata["choices"]) == set(BACKBONES) | {f"{b}-v1b" for b in BACKBONES}

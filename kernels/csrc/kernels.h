@@ -34,4 +34,23 @@ py::array confusion_matrix(const py::object& pred, const py::object& label, int6
 py::object fill_polygons(const py::object& canvas, const py::list& polygons, const py::list& values,
                          int num_threads);
 
+// bn_act.cpp: BatchNorm + activation on channels-last float32 [M, C] (core/norm.py).
+py::tuple bn_act_stats(const py::object& x, int num_threads);
+
+py::array bn_act_forward(const py::object& x, const py::object& mean, const py::object& invstd,
+                         const py::object& weight, const py::object& bias, double slope, const py::object& residual,
+                         const py::object& out, int num_threads);
+
+py::tuple bn_act_backward_reduce(const py::object& src, const py::object& dy, const py::object& mean,
+                                 const py::object& invstd, const py::object& weight, const py::object& bias,
+                                 double slope, bool src_is_output, const py::object& residual,
+                                 const py::object& dresidual, int num_threads);
+
+py::array bn_act_backward(const py::object& src, const py::object& dy, const py::object& mean,
+                          const py::object& invstd, const py::object& weight, const py::object& bias,
+                          const py::object& mean_g, const py::object& mean_g_xhat, double slope, bool src_is_output,
+                          const py::object& residual, const py::object& out, int num_threads);
+
+std::string bn_act_force_baseline(bool force);
+
 }  // namespace kernels

@@ -56,6 +56,37 @@ PYBIND11_MODULE(_C, m) {
           "order, in place, pixel-identical to PIL ImageDraw.polygon(xy, fill=value). Returns canvas.\n"
           "Parallel over bands of rows (every band draws all polygons in order).");
 
+    m.def("bn_act_stats", &kernels::bn_act_stats, "x"_a, "num_threads"_a = 1,
+          "(mean, var): float64 [C] per-channel mean and biased variance of float32 x [M, C] (channels-last\n"
+          "pixels x channels). Sums in double over fixed row chunks, combined in chunk order, so the\n"
+          "result does not depend on num_threads.");
+
+    m.def("bn_act_forward", &kernels::bn_act_forward, "x"_a, "mean"_a, "invstd"_a, "weight"_a, "bias"_a,
+          "slope"_a = 0.01, "residual"_a = py::none(), "out"_a = py::none(), "num_threads"_a = 1,
+          "out = act(x * a + b [+ residual]) with a = invstd * weight, b = bias - mean * a (float32 [C]\n"
+          "each) and act(v) = v if v > 0 else slope * v (slope 1: identity, 0: ReLU), for float32\n"
+          "x [M, C]. out: optional float32 [M, C], may be x itself (in place). Returns out.");
+
+    m.def("bn_act_backward_reduce", &kernels::bn_act_backward_reduce, "src"_a, "dy"_a, "mean"_a, "invstd"_a,
+          "weight"_a, "bias"_a, "slope"_a = 0.01, "src_is_output"_a = true, "residual"_a = py::none(),
+          "dresidual"_a = py::none(), "num_threads"_a = 1,
+          "(sum_g, sum_g_xhat): float64 [C] sums over rows of g = dy * act'(.) and g * x_hat, the two sums\n"
+          "SyncBN all-reduces. src is the forward's output y (src_is_output, needs slope > 0: x_hat is\n"
+          "recovered as (act^-1(y) - residual - bias) / weight; weight 0 gives x_hat 0) or its input x\n"
+          "(x_hat = (x - mean) * invstd). dresidual: optional float32 [M, C] receiving g, the gradient of\n"
+          "the residual. Deterministic for every num_threads (fixed chunks, fixed combine order).");
+
+    m.def("bn_act_backward", &kernels::bn_act_backward, "src"_a, "dy"_a, "mean"_a, "invstd"_a, "weight"_a,
+          "bias"_a, "mean_g"_a, "mean_g_xhat"_a, "slope"_a = 0.01, "src_is_output"_a = true,
+          "residual"_a = py::none(), "out"_a = py::none(), "num_threads"_a = 1,
+          "dx = (g - mean_g - x_hat * mean_g_xhat) * weight * invstd, float32 [M, C], with g and x_hat\n"
+          "recomputed as in bn_act_backward_reduce and mean_g, mean_g_xhat (float32 [C]) its sums divided\n"
+          "by the (global) row count. out: optional float32 [M, C] overlapping no input. Returns out.");
+
+    m.def("_bn_act_force_baseline", &kernels::bn_act_force_baseline, "force"_a,
+          "Testing hook: force (True) or stop forcing (False) the baseline (non-AVX2) bn_act loops;\n"
+          "returns the loops now in use, 'avx2' or 'baseline' (identical results either way).");
+
     m.def("hsv_implementation", &kernels::hsv_implementation,
           "'avx2' or 'scalar': the HSV conversion code photometric uses on this CPU (identical results).");
     m.def("_force_scalar_hsv", &kernels::hsv_force_scalar, "force"_a,
