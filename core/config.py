@@ -57,6 +57,9 @@ class TrainConfig:
                    "inplace-abn-residual = also fuses the residual add (leaky after the add too)",
                    ["bn", "inplace-abn", "inplace-abn-residual"])
     channels_last: bool = _f(True, "run the model in channels_last memory format")
+    atrous: bool = _f(True, "compute the dilated 3x3 convolutions without the multiply-adds that read only zero "
+                      "padding (core/atrous.py): the same result up to float rounding; each layer's algorithm is "
+                      "a fixed rule of its shapes, so a resumed run computes exactly as the first")
     compile: bool = _f(False, "torch.compile the model (dynamic=False): every shape is static, so the train step "
                        "and the evaluation each compile once, at the first step / first evaluation")
     # data

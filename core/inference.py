@@ -94,7 +94,7 @@ class Segmenter:
     def __init__(self, ckpt: LoadedCheckpoint, device: str = "cpu", opt_level: str = "O0", amp_dtype: str = "auto",
                  mode: str = "whole", scale: Optional[Tuple[int, int]] = MMSEG_SCALE,
                  tile: Optional[Tuple[int, int]] = None, stride: Optional[Tuple[int, int]] = None,
-                 channels_last: bool = True, fuse: bool = True):
+                 channels_last: bool = True, fuse: bool = True, atrous: bool = True):
         from core.device import get_device
         from data_loader.transforms import ValTransform
         if mode not in ("whole", "slide"):
@@ -115,6 +115,9 @@ class Segmenter:
         model = build_from_checkpoint(ckpt, aux_head=False)
         if fuse:
             fuse_for_inference(model)  # fold every BN into its conv: fewer ops, same outputs
+        if atrous:  # after folding (it builds new convs): dilated convs skip the padding-only taps
+            from core.atrous import convert_atrous
+            convert_atrous(model)
         model.eval()
         model.to(self.device.torch_device,
                  memory_format=torch.channels_last if channels_last else torch.preserve_format)

@@ -79,10 +79,14 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     """The fp32 model on the CPU, identical on every rank: initialised from cfg.seed in a forked
     RNG, so building it leaves each rank's own random stream (seed + rank) untouched."""
     from core import build_model as build
+    from core.atrous import convert_atrous
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return build(backbone=cfg.backbone, output_stride=cfg.output_stride, num_classes=cfg.num_classes,
-                     aux_head=True, pretrained=cfg.pretrained, base_channels=cfg.base_channels, norm=cfg.norm)
+        model = build(backbone=cfg.backbone, output_stride=cfg.output_stride, num_classes=cfg.num_classes,
+                      aux_head=True, pretrained=cfg.pretrained, base_channels=cfg.base_channels, norm=cfg.norm)
+    if cfg.atrous:  # same parameters and keys: checkpoints do not depend on it
+        convert_atrous(model)
+    return model
 
 
 def loader_waits(cfg: TrainConfig, env: dist.DistEnv, stop=None) -> dict:
@@ -130,6 +134,16 @@ class Training:
         """FLOPs of one step of this process's model (counted on the meta device: no compute)."""
         no_weights = replace(self.cfg, pretrained=None, load_from=None)
         return count_train_step_flops(functools.partial(build_model, no_weights), self.batch_size, self.cfg.crop)
+
+    def flops_skipped_per_step(self) -> int:
+        """FLOPs of flops_per_step() the padding-aware atrous convolutions do not compute (they
+        read only zero padding): subtract them for the FLOPs the step really performs."""
+        if not self.cfg.atrous:
+            return 0
+        from core.atrous import count_skipped_macs
+        shape = (self.batch_size, 3, *self.cfg.crop)
+        return int(count_skipped_macs(self.model, shape, self.amp.compute_dtype, self.device.type)[
+            "train_step_flops_skipped"])
 
     def restore(self, state: dict, log: Callable[[str], None]) -> int:
         """Continue from a checkpoint written by build_training's pieces; returns its iteration.

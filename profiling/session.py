@@ -66,6 +66,7 @@ def run_trace(cfg, opts, env, device, training) -> Dict:
     os.makedirs(opts.out, exist_ok=True)
     # What run.py does between build_training and its loop, in the same order (rank 0 only).
     flops_per_step = training.flops_per_step() if main else 0
+    flops_skipped = training.flops_skipped_per_step() if main else 0
     peak_tflops = 0.0
     if main:
         from data_loader.synthetic import cache_root
@@ -150,7 +151,7 @@ def run_trace(cfg, opts, env, device, training) -> Dict:
                 "capability": torch.backends.cpu.get_cpu_capability()},
         "losses": losses, "steps": step_rows, "breakdown": summary, "ranks": per_rank,
         "allreduce": comm.summary() if comm is not None else None,
-        "flops_per_step": flops_per_step, "peak_tflops": peak_tflops, "flops": flops,
+        "flops_per_step": flops_per_step, "flops_skipped": flops_skipped, "peak_tflops": peak_tflops, "flops": flops,
         "memory": {"training": memory_training, "traced": memory_traced, "loader_workers": workers},
         "py_spy": spy.results() if spy is not None else None,
     }
@@ -264,12 +265,16 @@ def _write_reports(result: Dict, prof, meter, training, opts, say) -> None:
 
     step_s = step_ms / 1000.0
     global_batch = training.batch_size * result["world_size"]
+    real_flops = result["flops_per_step"] - result["flops_skipped"]
     summary_json = {
         "images_per_s": global_batch / step_s if step_s > 0 else 0.0, "step_ms": step_ms,
         "flops_per_step": result["flops_per_step"], "flops_counted_by_modules": result["flops"]["total"],
-        "achieved_tflops": result["flops_per_step"] / step_s / 1e12 if step_s > 0 else 0.0,
+        # The module table counts every tap of the dilated convs; the padding-aware ones skip some:
+        # achieved FLOP/s and MFU count only the work really done (as run.py's log line).
+        "flops_skipped_per_step": result["flops_skipped"],
+        "achieved_tflops": real_flops / step_s / 1e12 if step_s > 0 else 0.0,
         "peak_tflops": result["peak_tflops"],
-        "mfu": (result["flops_per_step"] / step_s / (result["peak_tflops"] * 1e12)
+        "mfu": (real_flops / step_s / (result["peak_tflops"] * 1e12)
                 if step_s > 0 and result["peak_tflops"] > 0 else 0.0),
         "breakdown_within_tolerance": summary["mean_within_tolerance"], "tolerance": TOLERANCE_TEXT,
         **{k: result[k] for k in ("world_size", "device", "threads", "cpu", "memory", "py_spy", "allreduce",
