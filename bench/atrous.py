@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core import atrous  # noqa: E402
+from core import atrous, atrous_plan  # noqa: E402
 from core.model import build_model  # noqa: E402
 
 ALGOS = ("nchw", "channels_last", "taps", "hybrid")
@@ -87,7 +87,7 @@ def check_issue_counts():
         model = build_model("r50", output_stride=8)
     rows = []
     for crop in ((256, 512), (512, 1024)):
-        counts = atrous.count_skipped_macs(model, (2, 3) + crop)
+        counts = atrous_plan.count_skipped_macs(model, (2, 3) + crop)
         aspp = [v for k, v in counts["layers"].items() if k.startswith("decode_head.")]
         l4 = [v for k, v in counts["layers"].items() if k.startswith("backbone.layer4.")]
         frac = lambda vs: 1 - sum(n for _, n in vs) / sum(p for p, _ in vs)

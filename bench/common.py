@@ -75,7 +75,17 @@ def machine_line() -> str:
     return describe()
 
 
-def write_json(path: str, obj) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(obj, f, indent=1)
+def finish(rows: List[Dict], json_path: str, peaks: Dict[str, float]) -> int:
+    """The last lines of a benchmark: failures, the fastest variant, the JSON; the exit code."""
+    ok = [r for r in rows if "error" not in r]
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']}: failed: {r['error']}")
+    if ok:
+        fastest = max(ok, key=lambda r: r["images_per_s"])
+        print(f"\nfastest: {fastest['variant']} at {fastest['images_per_s']:.3f} images/s"
+              + (f", {fastest['speedup']:.2f}x the baseline" if "speedup" in fastest else ""))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"machine": machine_line(), "peaks_tflops": peaks, "rows": rows}, f, indent=1)
+    return 0 if len(ok) == len(rows) else 1

@@ -140,7 +140,7 @@ class Training:
         read only zero padding): subtract them for the FLOPs the step really performs."""
         if not self.cfg.atrous:
             return 0
-        from core.atrous import count_skipped_macs
+        from core.atrous_plan import count_skipped_macs
         shape = (self.batch_size, 3, *self.cfg.crop)
         return int(count_skipped_macs(self.model, shape, self.amp.compute_dtype, self.device.type)[
             "train_step_flops_skipped"])

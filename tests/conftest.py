@@ -16,6 +16,15 @@ def rng():
     return np.random.default_rng(seed)
 
 
+@pytest.fixture(params=["cpp", "reference"])
+def backend(request):
+    """Run the test once on the C++ kernels and once on the reference, restoring the choice after."""
+    previous = kernels.reference_enabled()
+    kernels.use_reference(request.param == "reference")
+    yield request.param
+    kernels.use_reference(previous)
+
+
 @pytest.fixture
 def cpp_backend():
     """Run the test on the C++ kernels, restoring the previous backend choice afterwards."""

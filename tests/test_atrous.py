@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core import atrous
+from core import atrous, atrous_plan
 from core.atrous import PaddingAwareConv2d, atrous_conv2d, convert_atrous
 from core.model import build_model
 
@@ -314,25 +314,25 @@ def test_default_rule_and_plan_round_trip(rng):
     model = _tiny_model(3)
     convert_atrous(model)
     rng_state = torch.get_rng_state()
-    plan = atrous.measure_plan(model, (2, 3, 32, 48), training=True, repeats=1)
+    plan = atrous_plan.measure_plan(model, (2, 3, 32, 48), training=True, repeats=1)
     assert torch.equal(torch.get_rng_state(), rng_state)
     assert set(plan) == {k for k, m in model.named_modules() if isinstance(m, PaddingAwareConv2d)}
     assert all(a in atrous.ALGORITHMS for entry in plan.values() for a in entry.values())
     other = _tiny_model(3)
     convert_atrous(other)
-    atrous.set_plan(other, plan)
-    assert atrous.get_plan(other) == plan
+    atrous_plan.set_plan(other, plan)
+    assert atrous_plan.get_plan(other) == plan
     with pytest.raises(KeyError, match="backbone.nope"):
-        atrous.set_plan(other, {"backbone.nope": {}})
+        atrous_plan.set_plan(other, {"backbone.nope": {}})
     with pytest.raises(ValueError, match="fast"):
-        atrous.set_plan(other, {next(iter(plan)): {"2x8x4x6->8:float32:train": "fast"}})
+        atrous_plan.set_plan(other, {next(iter(plan)): {"2x8x4x6->8:float32:train": "fast"}})
 
 
 def test_count_skipped_macs_matches_the_issue():
     with torch.device("meta"):
         model = build_model("r50", output_stride=8)
     for crop, skipped in (((256, 512), 0.587), ((512, 1024), 0.339)):
-        layers = atrous.count_skipped_macs(model, (2, 3) + crop)["layers"]
+        layers = atrous_plan.count_skipped_macs(model, (2, 3) + crop)["layers"]
         aspp = [v for k, v in layers.items() if k.startswith("decode_head.")]
         assert len(aspp) == 3
         plain = sum(p for p, _ in aspp)
@@ -353,7 +353,7 @@ def test_skipped_flops_match_torch_flop_counter(rng):
         with FlopCounterMode(display=False) as counter:
             _outputs_and_grads(m, x)
         counted.append(counter.get_total_flops())
-    skipped = atrous.count_skipped_macs(mine, MODEL_INPUT)["train_step_flops_skipped"]
+    skipped = atrous_plan.count_skipped_macs(mine, MODEL_INPUT)["train_step_flops_skipped"]
     assert skipped > 0 and counted[0] - counted[1] == skipped
 
 

@@ -8,12 +8,9 @@ waited for ever on a lock owned by a thread that does not exist in the child.
 import os
 import re
 import shlex
-import subprocess
-import sys
 
-import pytest
+from scripts import ROOT, clean_env, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "<!-- main-command -->"
 
 
@@ -41,14 +38,9 @@ def test_readme_main_command_trains_and_evaluates_on_an_empty_home_and_cache(tmp
     env.update(HOME=str(home), MPLCONFIGDIR=str(tmp_path / "mpl"))
     # Fewer iterations than the demo; everything else (preset, model, data, workers) as a user gets it.
     extra = ["--iters", "12", "--log-interval", "4", "--eval-interval", "0", "--work-dir", str(tmp_path / "work")]
-    proc = subprocess.Popen([sys.executable, *argv[1:], *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, _ = proc.communicate()
-        pytest.fail("README's main command did not finish within 300 s:\n" + out[-4000:])
+    proc = run_script([*argv[1:], *extra], timeout=300, env=env, merge_output=True,
+                      what="README's main command")
+    out = proc.stdout
     assert proc.returncode == 0, out[-4000:]
     for i in (4, 8, 12):
         assert re.search(rf"iter {i}/12 +loss \d", out), out[-4000:]
@@ -94,14 +86,9 @@ for attempt in range(10):
 def test_loaders_start_and_drain_after_the_parent_warmed_its_thread_pools(tmp_path):
     from data_loader.synthetic import generate
     root = generate(str(tmp_path / "data"), num_train=4, num_val=0, size=(128, 64), seed=3)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-c", WARM_PARENT, root], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, _ = proc.communicate()
-        pytest.fail("a loader hung after the parent warmed its thread pools:\n" + out[-4000:])
+    env = clean_env({"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    proc = run_script(["-c", WARM_PARENT, root], timeout=150, env=env, merge_output=True,
+                      what="a parent with warm thread pools building loaders")
+    out = proc.stdout
     assert proc.returncode == 0, out[-4000:]
     assert [line for line in out.splitlines() if line.startswith("drained")] == [f"drained {i}" for i in range(10)]

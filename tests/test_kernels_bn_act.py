@@ -14,14 +14,6 @@ SHAPES = [(1, 1), (1, 5), (7, 3), (33, 17), (257, 37), (3000, 64)]  # [M pixels,
 MODES = [(0.01, True), (1.0, True), (0.0, False), (0.01, False)]  # (slope, src_is_output)
 
 
-@pytest.fixture(params=["cpp", "reference"])
-def backend(request):
-    previous = kernels.reference_enabled()
-    kernels.use_reference(request.param == "reference")
-    yield request.param
-    kernels.use_reference(previous)
-
-
 def on(backend_name, fn):
     previous = kernels.reference_enabled()
     kernels.use_reference(backend_name == "reference")

@@ -23,14 +23,6 @@ def run_python(code, cwd, env_extra):
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture(params=["cpp", "reference"])
-def backend(request):
-    previous = kernels.reference_enabled()
-    kernels.use_reference(request.param == "reference")
-    yield request.param
-    kernels.use_reference(previous)
-
-
 def test_use_reference_switches_backend():
     previous = kernels.reference_enabled()
     try:

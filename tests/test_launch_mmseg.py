@@ -3,7 +3,6 @@ no code run) scores exactly as our own checkpoint of the same weights; --load-fr
 training from a whole mmseg model; our checkpoints carry mmseg's dataset_meta; V1b backbones and
 the "no --pretrained" notice of the Cityscapes recipe."""
 import json
-import os
 
 import torch
 

@@ -13,6 +13,8 @@ import psutil
 import pytest
 import torch
 
+from scripts import clean_env, run_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "launch", "run.py")
 TINY = ["--base-channels", "8", "--crop", "64x64", "--threads", "1", "--workers", "1", "--global-batch", "2",
@@ -27,23 +29,12 @@ MIOU_FLOOR = 12.0
 
 def run(args, env_extra=None, timeout=240):
     """run.py in its own session; on timeout the whole process group is killed (no orphaned ranks)."""
-    env = dict(os.environ, **(env_extra or {}))
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    proc = subprocess.Popen([sys.executable, RUN, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"run.py {' '.join(args)} did not finish in {timeout}s:\n{out[-2000:]}\n{err[-2000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_script([RUN, *args], timeout=timeout, env=clean_env(env_extra), what=f"run.py {' '.join(args)}")
 
 
 def start_until(args, marker):
     """run.py started in its own session, returned once its output shows `marker`."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    proc = subprocess.Popen([sys.executable, RUN, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, RUN, *args], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = []
     for line in proc.stdout:

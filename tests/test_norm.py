@@ -11,7 +11,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
 from core import build_model, fuse_for_inference
 from core.backbone import Bottleneck
 from core.blocks import ConvBNAct, PoolBatchNorm2d, count_batchnorms
@@ -21,14 +20,6 @@ from core.sync_bn import convert_sync_batchnorm
 torch.set_num_threads(2)
 CL = torch.channels_last
 SLOPES = {"leaky_relu": 0.01, "identity": 1.0, "relu": 0.0}
-
-
-@pytest.fixture(params=["cpp", "reference"])
-def backend(request):
-    previous = kernels.reference_enabled()
-    kernels.use_reference(request.param == "reference")
-    yield request.param
-    kernels.use_reference(previous)
 
 
 def unfused(activation, c, momentum=0.1):

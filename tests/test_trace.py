@@ -5,12 +5,12 @@ the loader workers' py-spy flame graphs, and errors that name the flag."""
 import functools
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
 from PIL import Image
+
+from scripts import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--base-channels", "8", "--crop", "64x64", "--threads", "1", "--workers", "1", "--global-batch", "2",
@@ -21,17 +21,9 @@ FILES = ["ops.md", "ops.json", "ops.png", "modules.md", "modules.json", "modules
 
 
 def _run(script, args, timeout=240):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, *script.split("/")), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{script} did not finish in {timeout}s:\n{out[-2000:]}\n{err[-2000:]}")
-    assert proc.returncode == 0, f"{script} {' '.join(args)}\n{out[-3000:]}\n{err[-3000:]}"
-    return out
+    proc = run_script([script, *args], timeout=timeout)
+    assert proc.returncode == 0, f"{script} {' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,7 @@ only where the CPU has bf16 kernels."""
 import json
 import os
 import re
-import signal
 import statistics
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ from core.config import field_names, parse_config
 from core.cpu import cpu_bf16
 from launch import tune, tune_report, tune_trial
 from launch.tune_space import default_values
+from scripts import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Global batch 3 runs on one rank and cannot be split over two: run.py rejects the 2x1 trial.
@@ -28,26 +26,12 @@ SHORT = ["--warmup", "1", "--steps", "3"]
 CORES = len(os.sched_getaffinity(0))
 
 
-def run_script(script, args, timeout=240):
-    """A script of the repository in its own session; its whole group is killed on timeout."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{script} {' '.join(args)} did not finish in {timeout}s:\n{out[-3000:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     """Base, a 2-rank trial run.py rejects, and the pack trial (the pack built in OUT/pack)."""
     out = tmp_path_factory.mktemp("tune")
-    proc = run_script("launch/tune.py", TINY + SHORT + ["--sweep", "procs-threads,pack,norm", "--try-procs-threads",
-                                                        "2x1", "--try-norm", "bn", "--out", str(out)])
+    proc = run_script(["launch/tune.py", *TINY + SHORT + ["--sweep", "procs-threads,pack,norm", "--try-procs-threads",
+                                                        "2x1", "--try-norm", "bn", "--out", str(out)]])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc, json.loads((out / "tune.json").read_text())
 
@@ -118,7 +102,7 @@ def test_a_dimension_without_its_trainer_field_is_skipped_with_a_note(swept):
 def test_best_yaml_is_accepted_by_run_py(swept, tmp_path):
     out, _, result = swept
     written = yaml.safe_load((out / "best.yaml").read_text())
-    proc = run_script("launch/run.py", ["--config", str(out / "best.yaml"), *result["run_flags"].split(),
+    proc = run_script(["launch/run.py", "--config", str(out / "best.yaml"), *result["run_flags"].split(),
                                         "--iters", "1", "--eval-max-images", "2", "--no-checkpoints",
                                         "--no-tensorboard", "--work-dir", str(tmp_path)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -129,9 +113,9 @@ def test_best_yaml_is_accepted_by_run_py(swept, tmp_path):
 
 def test_the_budget_stops_the_sweep_early(tmp_path):
     out = tmp_path / "tune"
-    proc = run_script("launch/tune.py", TINY + SHORT + ["--sweep", "workers,prefetch", "--try-workers", "0,2",
+    proc = run_script(["launch/tune.py", *TINY + SHORT + ["--sweep", "workers,prefetch", "--try-workers", "0,2",
                                                         "--try-prefetch", "2,3", "--budget-min", "0.01",
-                                                        "--out", str(out)])
+                                                        "--out", str(out)]])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "tune.json").read_text())
     assert len(result["trials"]) == 1  # the base runs; the next would end past 0.6 s
