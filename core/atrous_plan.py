@@ -39,12 +39,21 @@ def conv_calls(model: nn.Module, input_shape) -> List[Tuple[str, nn.Conv2d, Tupl
              for name, m in model.named_modules() if PaddingAwareConv2d.eligible(m)]
     state = {k: torch.empty_like(v, device="meta")
              for k, v in list(model.named_parameters()) + list(model.named_buffers())}
+    # In eval mode: the same dilated convs run on the same shapes, and no norm layer needs batch
+    # statistics (a batch of 1 per rank has a single value per channel after the ASPP's pooling,
+    # which only a synchronised BN can normalise, and meta tensors are never synchronised).
+    modes = {m: m.training for m in model.modules()}
+    # the input in the dtype of the first conv's weights (O2/O3 cast the model to bf16/fp16)
+    dtype = next((m.weight.dtype for m in model.modules() if isinstance(m, nn.Conv2d)), torch.float32)
+    model.eval()
     try:
         with torch.no_grad():
-            torch.func.functional_call(model, state, (torch.empty(tuple(input_shape), device="meta"),))
+            torch.func.functional_call(model, state, (torch.empty(tuple(input_shape), device="meta", dtype=dtype),))
     finally:
         for h in hooks:
             h.remove()
+        for m, training in modes.items():
+            m.train(training)
     return calls
 
 

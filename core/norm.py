@@ -243,7 +243,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
             # Eval: running statistics, plain torch ops (autograd works if asked for).
             out = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
             return _activate(out if residual is None else out + residual, self.slope, inplace=True)
-        group = self._sync_group() if self.training else ""
+        # meta tensors (FLOP counting, atrous planning) carry no values to share: no collective
+        group = self._sync_group() if self.training and x.device.type != "meta" else ""
         if self.training and not group and x.numel() // x.shape[1] == 1:
             return self._one_value_forward(x, residual)
         weight, bias = self.weight, self.bias

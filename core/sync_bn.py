@@ -34,7 +34,7 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
         self.process_group = process_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._syncs():
+        if not self._syncs(x):
             return super().forward(x)
         self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
@@ -42,8 +42,10 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
         return _CpuSyncBN.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
                                 self.eps, momentum, group)
 
-    def _syncs(self) -> bool:
-        return self.training and self.track_running_stats and is_distributed(self.process_group)
+    def _syncs(self, x: torch.Tensor) -> bool:
+        # meta tensors (FLOP counting, atrous planning) carry no values to share: no collective
+        return (self.training and self.track_running_stats and x.device.type != "meta"
+                and is_distributed(self.process_group))
 
 
 class _CpuSyncBN(torch.autograd.Function):

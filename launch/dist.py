@@ -157,6 +157,11 @@ def launch_elastic(script: str, argv: Sequence[str], cfg) -> int:
 
     threads = cpu_threads(cfg.threads, cfg.nproc)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the ranks inherit it (torch reads it at import)
+    # The agent's shared rendezvous store outlives a restart, and with it the keys the previous
+    # attempt's ranks wrote (gloo/NCCL peer addresses): a restarted rank can read a dead peer's
+    # address and fail with "connection refused" (pytorch/pytorch#135712). Torch's own opt-out:
+    # rank 0 hosts a fresh store on a fresh port in every attempt.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     if cfg.nnodes == 1:  # torchrun --standalone: a private store on a free local port
         backend, endpoint, configs, run_id = "c10d", "localhost:0", {}, f"deeplab-{os.getpid()}"
     else:

@@ -45,6 +45,10 @@ from launch.assembly import (build_model, build_training, compile_model, compile
 # job's first attempt only, so tests can check that one failing rank brings the whole job down and
 # that --max-restarts brings it back (tests/test_launch_run.py, tests/test_launch_elastic.py).
 FAIL_AT_ENV = "DEEPLAB_TEST_FAIL_AT"
+# Test hook: DEEPLAB_TEST_RESTART_DELAY="RANK:SECONDS" makes that rank of a restarted attempt wait
+# before joining the process group, so the other ranks look up its address first (a stale address
+# left by the previous attempt would then be found: tests/test_launch_elastic.py).
+RESTART_DELAY_ENV = "DEEPLAB_TEST_RESTART_DELAY"
 ARCH_FIELDS = ("backbone", "output_stride", "num_classes", "base_channels", "norm")  # what the weights belong to
 
 
@@ -234,6 +238,7 @@ def main(cfg: TrainConfig) -> int:
     # The entry point owns the signals, installed before anything else exists: a stop during
     # set-up is a stop request too, and no loader ever installs a handler of its own.
     stop = dist.StopFlag().install() if not cfg.eval_only else None
+    _injected_restart_delay()
     env, device = set_up_process(cfg)
     try:
         data_root = resolve_data(cfg, env)
@@ -255,6 +260,12 @@ def _injected_failure(rank: int):
     fail_rank, _, fail_iter = spec.partition(":")
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     return int(fail_iter) if int(fail_rank) == rank and first_attempt else None
+
+
+def _injected_restart_delay() -> None:
+    rank, _, seconds = os.environ.get(RESTART_DELAY_ENV, "").partition(":")
+    if rank and rank == os.environ.get("RANK") and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        time.sleep(float(seconds))
 
 
 @record  # a failing rank's exception reaches the elastic launcher, which names it in its report

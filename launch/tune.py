@@ -111,10 +111,6 @@ class Tuner:
         dims = []
         for name in names:
             dim, text = DIMS[name], getattr(self.opts, "try_" + name.replace("-", "_"))
-            missing = [f for f in dim.fields if f not in field_names()]
-            if missing:
-                self.notes.append(f"{name}: skipped, TrainConfig has no {missing[0]!r} field in this checkout")
-                continue
             flag = f"--try-{name}"
             if text is None:
                 values, note = default_values(name, self.base, self.dev, cores)

@@ -340,6 +340,19 @@ def test_count_skipped_macs_matches_the_issue():
         assert abs(1 - sum(n for _, n in aspp) / plain - skipped) < 1e-3
 
 
+def test_counting_works_on_any_model_the_trainer_holds():
+    # O2/O3 cast the model to bf16/fp16, and a rank may hold a batch of 1 (one value per channel
+    # after the ASPP's pooling); counting must neither fail on those nor change the model's mode.
+    model = build_model("r18", 8, num_classes=5, base_channels=8)
+    convert_atrous(model)
+    expected = atrous_plan.count_skipped_macs(model, (2, 3, 64, 64))
+    for dtype in (torch.bfloat16, torch.float16):
+        low = copy.deepcopy(model).to(dtype)
+        got = atrous_plan.count_skipped_macs(low, (1, 3, 64, 64))
+        assert got["needed"] * 2 == expected["needed"] and got["plain"] * 2 == expected["plain"] > 0
+        assert all(m.training for m in low.modules())
+
+
 def test_skipped_flops_match_torch_flop_counter(rng):
     # FlopCounterMode counts the matrix products the decomposition really runs (forward and
     # backward); the plain model's convs are counted at full size.

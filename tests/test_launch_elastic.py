@@ -16,7 +16,10 @@ from test_launch_run import RUN, ROOT, TINY, finish, run, start_until, train_rec
 def test_a_failed_rank_is_restarted_and_the_job_resumes_from_its_checkpoint(tmp_path):
     args = TINY + ["--iters", "6", "--ckpt-interval", "2", "--nproc", "2", "--max-restarts", "1",
                    "--work-dir", str(tmp_path)]
-    proc = run(args, env_extra={"DEEPLAB_TEST_FAIL_AT": "1:3"}, timeout=240)  # only in the first attempt
+    # Rank 1 fails in the first attempt only; in the second, rank 0 joins 3 s late, so rank 1 looks
+    # up its address first: an address the first attempt left in a store that outlived it would be
+    # found and refused (torch's shared rendezvous store, pytorch/pytorch#135712).
+    proc = run(args, env_extra={"DEEPLAB_TEST_FAIL_AT": "1:3", "DEEPLAB_TEST_RESTART_DELAY": "0:3"}, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "injected failure on rank 1 at iteration 3" in proc.stderr
     assert f"resumed from {tmp_path / 'iter_2.pt'} at iteration 2" in proc.stdout

@@ -14,6 +14,7 @@ from core.engine import train_one_step
 from data_loader.loader import Batch
 from core.losses import seg_loss
 from core.optim import PolyLR, build_sgd
+from core.atrous_plan import count_skipped_macs
 from core.sync_bn import CpuSyncBatchNorm, convert_sync_batchnorm
 
 STEPS = 10
@@ -52,6 +53,13 @@ def _rank_main(rank, world, port, out_path):
         images, labels = blocks_dataset(2 * STEPS)
         model = tiny_model(sync_bn=True)
         assert any(isinstance(m, CpuSyncBatchNorm) for m in model.modules())
+        # The trainer counts FLOPs and skipped atrous work by running the synchronised model on the
+        # meta device at start-up: that must not attempt a collective (it raised on meta tensors).
+        for norm in ("bn", "inplace-abn"):
+            synced = convert_sync_batchnorm(build_model("r18", 8, num_classes=5, base_channels=8, norm=norm))
+            skipped = count_skipped_macs(synced, (1, 3, CROP, CROP))  # batch 1 per rank, as the trainer has it
+            assert synced.training and all(m.training for m in synced.modules())  # its mode is left as it was
+            assert skipped["plain"] > skipped["needed"] > 0  # the OS8 dilated convs at 8x8 skip taps
         losses = train(model, images, labels, rank, world)
         if rank == 0:
             bn = model.backbone.stem[1]  # first BN of the deep stem: running stats must match too
