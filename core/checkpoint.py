@@ -82,10 +82,55 @@ def prune_checkpoints(work_dir: str, keep: int) -> List[str]:
     return removed
 
 
+class WorkDirLock:
+    """Exclusive use of a work dir by one training run, held while it trains: an flock on
+    <work_dir>/.lock (released by the kernel however the holder ends, SIGKILL included), whose
+    content names the holder for the error a second run gets."""
+
+    def __init__(self, work_dir: str):
+        self.path = os.path.join(work_dir, ".lock")
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "WorkDirLock":
+        import fcntl
+        import socket
+        import time
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RuntimeError(f"--work-dir {os.path.dirname(self.path)} is in use by another training run "
+                               f"({holder}); two runs in one work dir would mix their logs and prune each "
+                               "other's checkpoints. Wait for it, stop it, or choose another --work-dir.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock; the file stays (removing it would race a new holder)
+            self.fd = None
+
+
 def load_checkpoint(path: str) -> Dict[str, Any]:
+    """A checkpoint written by save_atomic; errors name the file and what is wrong with it."""
+    from core.safe_pickle import unreadable
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(unreadable(path, exc)) from exc
+    missing = [k for k in ("state_dict", "meta") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path!r} is not one of this trainer's training checkpoints (no "
+                         f"{' or '.join(missing)}); to start from its weights use --load-from")
+    return state
 
 
 def resolve_resume(resume: Optional[str], work_dir: str) -> Optional[str]:

@@ -87,6 +87,10 @@ class TrainConfig:
                         "master weights (BN fp32), O3 pure low precision", ["O0", "O1", "O2", "O3"])
     amp_dtype: str = _f("auto", "low-precision dtype (auto: bfloat16 on cpu, float16 on cuda/npu)",
                         ["auto", "bfloat16", "float16"])
+    memory_check: bool = _f(True, "refuse to start when the estimated memory of a training process exceeds what "
+                            "the machine has available (CPU)")
+    allow_slow_precision: bool = _f(False, "run a bf16/fp16 opt level on a CPU without kernels for that dtype "
+                                    "(refused otherwise: 10-30x slower than fp32 there)")
     init_loss_scale: float = _f(65536.0, "initial dynamic loss scale (float16 only)")
     max_nonfinite: int = _f(20, "stop after this many consecutive steps with a non-finite loss/gradient")
     # distributed
@@ -158,7 +162,9 @@ def build_parser(extra: Optional[type] = None, prog: str = "launch/run.py",
     (declared with the same `_f`), so trace/tune/bench take the trainer's flags unchanged and add
     theirs. Flags not given are absent (SUPPRESS), so an explicit `--eval-scale none` is told
     apart from "not given"."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    # allow_abbrev=False: `--iter 5` is an error, not a silent `--iters 5`
+    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+                                     allow_abbrev=False)
     group = parser.add_argument_group("training (TrainConfig)") if extra is not None else parser
     _add_fields(group, TrainConfig)
     if extra is not None:
@@ -270,6 +276,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--min-nnodes {cfg.min_nnodes} exceeds --nnodes {cfg.nnodes}")
     if cfg.ratio_range[0] <= 0 or cfg.ratio_range[0] > cfg.ratio_range[1]:
         raise ValueError(f"--ratio-range must be 0 < A <= B, got {cfg.ratio_range}")
+    for name in ["crop", "scale", "eval_scale", "eval_tile", "eval_stride"]:
+        value = getattr(cfg, name)
+        if value is not None and min(value) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be two sizes >= 1 (AxB), got {_fmt(value)}")
+    for name in ["dist_timeout", "init_loss_scale"]:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
 
 
 def to_dict(cfg: TrainConfig) -> Dict[str, Any]:
@@ -300,32 +313,55 @@ def _field(name: str) -> dataclasses.Field:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """YAML / stored values to the field's type, with an error naming the key."""
+    """YAML / stored values to the field's type, with an error naming the key. As strict as the
+    command line: `iters: true` is not 1, `crop: [64.7, 128]` is not 64, `iters: null` is not a
+    default."""
     f = _field(name)
-    if value is None:
-        return None
     pair = f.metadata.get("pair")
+    if value is None:
+        if f.default is None or str(f.type).startswith("Optional"):
+            return None
+        raise ValueError(f"config key {name!r}: null is not allowed (expected {_expected(f)})")
     try:
         if pair is not None:
             if isinstance(value, str):
                 return _parse_pair(value, pair)
-            if len(value) != 2:
-                raise ValueError("expected two values")
-            return (pair(value[0]), pair(value[1]))
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise ValueError(f"expected {_expected(f)}")
+            return (_scalar(value[0], pair), _scalar(value[1], pair))
         if f.type in ("bool", bool):
             if not isinstance(value, bool):
                 raise ValueError("expected true or false")
             return value
         typ = {"int": int, "float": float, "str": str, "Optional[str]": str}.get(str(f.type))
-        if typ is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError("expected an integer")
-        value = typ(value) if typ is not None else value
+        value = _scalar(value, typ) if typ is not None else value
     except (TypeError, ValueError) as exc:
         raise ValueError(f"config key {name!r}: cannot use {value!r} ({exc})") from None
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
         raise ValueError(f"config key {name!r}: {value!r} is not one of {list(choices)}")
     return value
+
+
+def _scalar(value: Any, typ: type) -> Any:
+    """One YAML scalar as `typ`, refusing what the command line would refuse."""
+    if isinstance(value, bool) or isinstance(value, (list, tuple, dict)):
+        raise ValueError(f"expected {'an integer' if typ is int else 'a number' if typ is float else 'a string'}")
+    if typ is str:
+        return str(value)
+    if typ is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError("expected an integer")
+    if typ is int and isinstance(value, str):
+        return int(value.strip())  # "64" as the command line takes it; "64.7" raises
+    return typ(value)
+
+
+def _expected(f: dataclasses.Field) -> str:
+    pair = f.metadata.get("pair")
+    if pair is not None:
+        kind = "integers" if pair is int else "numbers"
+        return f"two {kind}, as [A, B] or 'AxB'" + (" or null" if f.default is None else "")
+    return {"int": "an integer", "float": "a number", "bool": "true or false"}.get(str(f.type), "a string")
 
 
 def _parse_pair(text: str, typ: type) -> Optional[Tuple[Any, Any]]:

@@ -52,6 +52,29 @@ def cpu_bf16(flags: Set[str], capability: str) -> Tuple[bool, str]:
     return True, f"{', '.join(hw)} with torch kernels at {capability}"
 
 
+def cpu_fp16(flags: Set[str], capability: str) -> Tuple[bool, str]:
+    """Whether fp16 training can be fast on this CPU: it needs avx512_fp16 or amx_fp16 (x86) or
+    fp16 arithmetic (arm64 'fphp'/'asimdhp'); elsewhere torch converts every op (measured about
+    27x slower per step than fp32 on an AVX2 machine)."""
+    if "asimd" in flags:
+        if {"fphp", "asimdhp"} <= flags:
+            return True, "arm64 with fp16 arithmetic"
+        return False, "this arm64 CPU lacks fp16 arithmetic"
+    hw = sorted(flags & {"avx512_fp16", "amx_fp16"})
+    if not hw:
+        return False, "the CPU flags have neither avx512_fp16 nor amx_fp16: fp16 ops would be converted one by one"
+    if not capability.upper().startswith(("AVX512", "AMX")):
+        return False, f"the CPU has {', '.join(hw)} but torch runs its kernels at {capability}"
+    return True, f"{', '.join(hw)} with torch kernels at {capability}"
+
+
+def low_precision_here(dtype_name: str) -> Tuple[bool, str]:
+    """cpu_bf16 / cpu_fp16 ('bfloat16' / 'float16') for this machine's CPU and torch build."""
+    import torch
+    check = cpu_bf16 if dtype_name == "bfloat16" else cpu_fp16
+    return check(cpu_flags(), torch.backends.cpu.get_cpu_capability())
+
+
 def bf16_here() -> Tuple[bool, str]:
     """cpu_bf16 for this machine's CPU and torch build."""
     import torch

@@ -185,7 +185,7 @@ def _unwrap_state_dict(obj: Any, path: str) -> Dict[str, torch.Tensor]:
 
 
 def _source(obj: Any, meta: Mapping) -> str:
-    if isinstance(meta.get("config"), Mapping) and "format" in meta:
+    if isinstance(meta.get("config"), Mapping):  # mmseg keeps its config as text, never as a mapping
         return "deeplab-trainer"
     if "mmengine_version" in meta or "message_hub" in obj or "dataset_meta" in meta or "cfg" in meta:
         return "mmseg 1.x (mmengine)"

@@ -86,14 +86,35 @@ def safe_load(path: str) -> SafeLoadResult:
     except pickle.UnpicklingError:
         pass  # a class weights_only does not know: read it again with the restricted unpickler
     except Exception as exc:  # corrupt or foreign files raise many different errors
-        raise ValueError(f"cannot read checkpoint {path!r}: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(unreadable(path, exc)) from exc
     replaced: Set[str] = set()
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_module(replaced))
     except Exception as exc:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if not head.startswith(b"PK") and head[:1] != b"\x80":  # neither torch's zip nor a pickle
+            raise ValueError(unreadable(path, exc)) from exc
         raise ValueError(f"cannot read checkpoint {path!r} with the restricted unpickler: "
                          f"{type(exc).__name__}: {exc}") from exc
     return SafeLoadResult(obj, True, tuple(sorted(replaced)))
+
+
+def unreadable(path: str, exc: BaseException) -> str:
+    """Why torch.load failed on `path`, in the user's terms: empty, truncated, or not a checkpoint."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if size == 0:
+        what = "is empty (0 bytes): a copy or a save that never finished?"
+    elif head.startswith(b"PK"):
+        what = (f"is a damaged or truncated torch.save archive ({size} bytes): a copy or a save that did not "
+                "finish? (checkpoints written by this trainer are renamed into place only once complete)")
+    elif head[:1] == b"\x80":
+        what = f"is a truncated or damaged pickle ({size} bytes)"
+    else:
+        what = f"is not a torch checkpoint ({size} bytes; expected a file written by torch.save)"
+    return f"cannot read checkpoint {path!r}: it {what} [{type(exc).__name__}: {exc}]"
 
 
 # ---- the allow-list --------------------------------------------------------------------------------

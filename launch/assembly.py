@@ -21,6 +21,7 @@ import torch
 from core import distributed as cdist
 from core.amp import Amp, resolve_dtype
 from core.config import TrainConfig
+from core.cpu import cpu_model, low_precision_here
 from core.device import Device, get_device
 from core.engine import StepResult, train_one_step
 from core.losses import seg_loss
@@ -40,11 +41,65 @@ def set_up_process(cfg: TrainConfig):
     device_name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = get_device(device_name, env.local_rank)
     device.set_current()
+    check_precision(cfg, device)
     torch.set_num_threads(dist.cpu_threads(cfg.threads, env.local_world_size))
     if env.distributed:
         dist.init_process_group(env, device.dist_backend, cfg.dist_timeout)
     seed_everything(cfg.seed + env.rank)
     return env, device
+
+
+def check_precision(cfg: TrainConfig, device) -> None:
+    """Refuse a low-precision opt level on a CPU without kernels for its dtype: torch would run
+    bf16 convolutions on a reference path 10-30x slower than fp32 (fp16 about 27x), silently."""
+    if device.type != "cpu" or cfg.opt_level == "O0" or cfg.allow_slow_precision:
+        return
+    dtype = str(resolve_dtype(cfg.amp_dtype, device.autocast_dtype)).replace("torch.", "")
+    ok, why = low_precision_here(dtype)
+    if not ok:
+        raise ValueError(f"--opt-level {cfg.opt_level} computes in {dtype}, but on this CPU ({cpu_model()}) {why}: "
+                         "training would run 10-30x slower than in fp32. Use --opt-level O0 (the default), or "
+                         "--allow-slow-precision to run it anyway.")
+
+
+def check_data(cfg: TrainConfig, data_root: str) -> None:
+    """Find now what would otherwise fail late: a broken val split at the first evaluation (4000
+    iterations in with the preset), labels beyond --num-classes inside the loss. Reads the val
+    index and 8 train labels spread over the split (a pack was checked when it was written)."""
+    if cfg.pack:
+        return
+    from data_loader.cityscapes import CityscapesIndex
+    from data_loader.decode import read_label
+    samples = CityscapesIndex(data_root, "train").samples
+    if cfg.evaluate:
+        CityscapesIndex(data_root, "val")  # DatasetError naming the file or folder
+    for _, label in samples[::max(1, len(samples) // 8)][:8]:
+        values = np.unique(read_label(label))
+        values = values[values != cfg.ignore_index]
+        if values.size and values.max() >= cfg.num_classes:
+            raise ValueError(f"{label}: label value {int(values.max())}, but --num-classes is {cfg.num_classes} "
+                             f"(labels must be below it or {cfg.ignore_index}, the ignore index; Cityscapes' "
+                             "labelTrainIds need --num-classes 19)")
+
+
+def check_memory(cfg: TrainConfig, env: dist.DistEnv, device: Device, batch: int, log: Callable[[str], None]) -> None:
+    """Say before training when the configured batch cannot fit: the estimate (core/memory.py) of
+    every process on this node against the memory available (CPU; accelerators report their own)."""
+    if device.type != "cpu":
+        return
+    from core.memory import available_bytes, estimate_train_memory
+    no_weights = replace(cfg, pretrained=None, load_from=None)
+    est = estimate_train_memory(functools.partial(build_model, no_weights), batch, cfg.crop, cfg.channels_last,
+                                cfg.opt_level in ("O2", "O3"), cfg.workers * cfg.prefetch + 1)
+    need, have = est.total * env.local_world_size, available_bytes()
+    log(f"estimated memory per process: {est.describe()}; {env.local_world_size} on this node, "
+        f"{have / 2 ** 30:.1f} GiB available")
+    if need > have and cfg.memory_check:
+        raise MemoryError(
+            f"batch {batch}/process at {cfg.crop[0]}x{cfg.crop[1]} needs about {need / 2 ** 30:.1f} GiB on this node "
+            f"({env.local_world_size} x {est.total / 2 ** 30:.1f} GiB), but only {have / 2 ** 30:.1f} GiB is "
+            "available. Lower --batch-size/--global-batch or --crop, use --norm inplace-abn (less activation memory) "
+            "or a bf16 --opt-level where the CPU has bf16 kernels; --no-memory-check starts anyway.")
 
 
 def seed_everything(seed: int) -> None:

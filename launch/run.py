@@ -14,6 +14,7 @@ launcher (launch/dist.py) when --nproc / --nnodes ask for several ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -38,8 +39,8 @@ from core.mfu import PEAK_CACHE_NAME, measure_peak_tflops  # noqa: E402
 from data_loader.loader import LoaderInterrupted  # noqa: E402
 from data_loader.synthetic import cache_root  # noqa: E402
 from launch import dist  # noqa: E402
-from launch.assembly import (build_model, build_training, compile_model, compiled_graphs,  # noqa: E402
-                             loader_waits, per_process_batch, resolve_data, set_up_process)
+from launch.assembly import (build_model, build_training, check_data, check_memory, compile_model,  # noqa: E402
+                             compiled_graphs, loader_waits, per_process_batch, resolve_data, set_up_process)
 
 # Test hook: DEEPLAB_TEST_FAIL_AT="RANK:ITER" makes that rank raise after that iteration, in the
 # job's first attempt only, so tests can check that one failing rank brings the whole job down and
@@ -103,6 +104,12 @@ def save_checkpoint(training, log: TrainLogger, iteration: int, counters: dict) 
 
 
 def train(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str, stop: dist.StopFlag) -> int:
+    # One run per work dir: a second one would interleave the logs and prune the first's checkpoints.
+    with ckpt_io.WorkDirLock(cfg.work_dir) if env.is_main else contextlib.nullcontext():
+        return _train(cfg, env, device, data_root, stop)
+
+
+def _train(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str, stop: dist.StopFlag) -> int:
     from core.pretrained import pretrained_notice
     log = TrainLogger(cfg.work_dir, env.is_main, cfg.iters, per_process_batch(cfg, env.world_size) * env.world_size,
                       tensorboard=cfg.tensorboard)
@@ -113,7 +120,16 @@ def train(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str, stop: dis
     notice = pretrained_notice(cfg, resuming=resume_path is not None)
     if notice:
         log.info(notice)
+    check_data(cfg, data_root)
+    check_memory(cfg, env, device, per_process_batch(cfg, env.world_size), log.info)
     state = ckpt_io.load_checkpoint(resume_path) if resume_path else None
+    if state is not None:
+        check_resumable(cfg, state, resume_path)
+        done = int(state["meta"]["iteration"])
+        if done >= cfg.iters:
+            log.info(f"{resume_path} is at iteration {done} and --iters is {cfg.iters}: nothing left to train "
+                     "(raise --iters to train further; --eval-only --checkpoint evaluates it)")
+            return 0
     training = build_training(cfg, env, device, data_root, stop, weights=state["state_dict"] if state else None,
                               log=log.info)
     start_iter, counters = 0, {"skipped_total": 0, "skipped_in_row": 0}
@@ -253,6 +269,19 @@ def main(cfg: TrainConfig) -> int:
         dist.destroy()
 
 
+def check_resumable(cfg: TrainConfig, state: dict, path: str) -> None:
+    """A training checkpoint continues only the model it holds: name every architecture setting
+    that differs (weights of another architecture would fail with torch's key list, or, for the
+    output stride, load silently into a different network)."""
+    stored = state["meta"].get("config", {})
+    differ = [f"{name}: checkpoint {stored[name]!r}, this run {getattr(cfg, name)!r}"
+              for name in ARCH_FIELDS if name in stored and stored[name] != getattr(cfg, name)]
+    if differ:
+        raise ValueError(f"--resume {path}: the checkpoint was trained with another architecture ("
+                         + "; ".join(differ) + "). Resume with its settings, or start a new run from its weights "
+                         "with --load-from.")
+
+
 def _injected_failure(rank: int):
     spec = os.environ.get(FAIL_AT_ENV)
     if not spec:
@@ -272,7 +301,11 @@ def _injected_restart_delay() -> None:
 def cli(argv) -> int:
     """A rank when a launcher (torch's elastic agent, torchrun, srun) set RANK/WORLD_SIZE; one
     process when one is asked for; otherwise the launcher of --nproc ranks on this node."""
-    cfg = parse_config(argv)
+    try:
+        cfg = parse_config(argv)
+    except (ValueError, FileNotFoundError) as exc:  # a bad value or file: the message, not a traceback
+        print(f"launch/run.py: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     if dist.detect_env() is not None or (cfg.nproc == 1 and cfg.nnodes == 1):
         return main(cfg)
     return dist.launch_elastic(os.path.abspath(__file__), list(argv), cfg)

@@ -61,6 +61,8 @@ def test_unknown_flag_fails(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--crop", "64"], "AxB"),
     (["--backbone", "r200"], "invalid choice"),
+    (["--crop", "64.7x128"], "invalid literal"),
+    (["--iter", "5"], "unrecognized arguments: --iter"),  # no abbreviation is taken for --iters
 ])
 def test_bad_flag_values_fail(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -78,6 +80,43 @@ def test_bad_yaml_values_name_the_key(tmp_path):
         parse_config(["--config", str(path)])
     with pytest.raises(FileNotFoundError, match="--config"):
         parse_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("iters: true", "'iters': cannot use True (expected an integer)"),
+    ("iters: null", "'iters': null is not allowed"),
+    ("crop: [64.7, 128]", "'crop': cannot use [64.7, 128] (expected an integer)"),
+    ("crop: {h: 64}", "'crop': cannot use {'h': 64} (expected two integers"),
+    ("crop: [64]", "'crop'"),
+    ("lr: false", "'lr'"),
+    ("data: [a, b]", "'data'"),
+    ("channels_last: 1", "'channels_last'"),
+])
+def test_yaml_values_are_checked_as_strictly_as_flags(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ValueError) as err:
+        parse_config(["--config", str(path)])
+    assert message in str(err.value)
+
+
+def test_yaml_accepts_what_the_flags_accept(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("iters: 7\ncrop: [64, 128]\neval_tile: 32x48\neval_scale: null\nlr: 1\n")
+    cfg = parse_config(["--config", str(path)])
+    assert (cfg.iters, cfg.crop, cfg.eval_tile, cfg.eval_scale, cfg.lr) == (7, (64, 128), (32, 48), None, 1.0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eval-tile", "0x0"], "--eval-tile must be two sizes >= 1"),
+    (["--crop", "0x64"], "--crop must be two sizes >= 1"),
+    (["--init-loss-scale", "0"], "--init-loss-scale must be > 0"),
+    (["--dist-timeout", "-5"], "--dist-timeout must be > 0"),
+    (["--kill-grace", "-1"], "--kill-grace must be >= 0"),
+])
+def test_out_of_range_values_are_rejected(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(argv)
 
 
 def test_inconsistent_values_are_rejected():
