@@ -123,14 +123,9 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(unreadable(path, exc)) from exc
-    missing = [k for k in ("state_dict", "meta") if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise ValueError(f"checkpoint {path!r} is not one of this trainer's training checkpoints (no "
-                         f"{' or '.join(missing)}); to start from its weights use --load-from")
-    return state
 
 
 def resolve_resume(resume: Optional[str], work_dir: str) -> Optional[str]:

@@ -273,6 +273,10 @@ def check_resumable(cfg: TrainConfig, state: dict, path: str) -> None:
     """A training checkpoint continues only the model it holds: name every architecture setting
     that differs (weights of another architecture would fail with torch's key list, or, for the
     output stride, load silently into a different network)."""
+    missing = [k for k in ("state_dict", "meta", "optimizer", "loader") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"--resume {path}: not a training checkpoint of this trainer (no {', '.join(missing)}); "
+                         "to start from its weights use --load-from")
     stored = state["meta"].get("config", {})
     differ = [f"{name}: checkpoint {stored[name]!r}, this run {getattr(cfg, name)!r}"
               for name in ARCH_FIELDS if name in stored and stored[name] != getattr(cfg, name)]

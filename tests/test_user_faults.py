@@ -88,6 +88,11 @@ def test_resume_with_another_architecture_names_what_differs(trained, tmp_path):
     assert proc.returncode != 0
     assert "output_stride: checkpoint 8, this run 16" in proc.stderr, proc.stderr[-2000:]
     assert not started_training(proc.stdout)
+    weights_only = tmp_path / "weights.pt"  # a model file is for --load-from, not for --resume
+    torch.save({"state_dict": torch.load(trained, weights_only=True)["state_dict"]}, weights_only)
+    proc = run(TINY + ["--iters", "4", "--resume", str(weights_only), "--work-dir", str(tmp_path / "w")])
+    assert proc.returncode != 0 and "not a training checkpoint of this trainer (no meta, optimizer, loader)" in \
+        proc.stderr and "--load-from" in proc.stderr
 
 
 def test_resuming_a_finished_run_says_so(trained, tmp_path):
