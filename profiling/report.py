@@ -67,7 +67,8 @@ def stacked_bar_chart_png(path: str, labels: Sequence[str], segments: Dict[str, 
     span = width - left - right
     for i, label in enumerate(labels):
         y = top + i * row_h
-        draw.text((10, y + 4), str(label)[-45:], fill="black")
+        text = str(label) if len(str(label)) <= 45 else f"{str(label)[:20]}...{str(label)[-22:]}"  # both ends say what it is
+        draw.text((10, y + 4), text, fill="black")
         x = left
         for k, vals in enumerate(segments.values()):
             w = int(span * max(float(vals[i]), 0.0) / vmax)

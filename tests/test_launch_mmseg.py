@@ -4,11 +4,12 @@ training from a whole mmseg model; our checkpoints carry mmseg's dataset_meta; V
 the "no --pretrained" notice of the Cityscapes recipe."""
 import json
 
+import pytest
 import torch
 
 from core import build_model
 from data_loader.cityscapes import CLASSES
-from mmseg_files import mmengine_file
+from mmseg_files import mmcv_file, mmengine_file
 from test_launch_run import TINY, run
 
 SMALL = ["--base-channels", "8", "--threads", "1", "--workers", "1", "--no-tensorboard", "--eval-scale", "none"]
@@ -19,11 +20,19 @@ def tiny_model(seed=0):
     return build_model("r18", output_stride=8, num_classes=19, aux_head=True, base_channels=8)
 
 
-def test_eval_only_scores_an_mmseg_1x_file_as_our_own_checkpoint_of_the_same_weights(tmp_path):
-    model = tiny_model()
-    mmseg = mmengine_file(str(tmp_path / "mmseg.pth"), model)
+@pytest.mark.parametrize("kind", ["1.x", "0.x"])
+def test_eval_only_scores_an_mmseg_file_as_our_own_checkpoint_of_the_same_weights(tmp_path, kind):
+    # 1.x: mmengine's file (meta holds mmengine objects). 0.x: a model-zoo file whose meta['config']
+    # is the config's text, here describing an output-stride-16 model: rebuilt from that text, which
+    # is read and never executed (it would create `marker`).
+    stride = 16 if kind == "0.x" else 8
+    torch.manual_seed(0)
+    model = build_model("r18", output_stride=stride, num_classes=19, aux_head=True, base_channels=8)
+    marker = tmp_path / "code-ran"
+    mmseg = (mmcv_file(str(tmp_path / "mmseg.pth"), model, marker=str(marker), legacy=True) if kind == "0.x"
+             else mmengine_file(str(tmp_path / "mmseg.pth"), model))
     ours = tmp_path / "ours.pt"
-    torch.save({"meta": {"iteration": 0, "config": {"backbone": "r18", "output_stride": 8, "num_classes": 19,
+    torch.save({"meta": {"iteration": 0, "config": {"backbone": "r18", "output_stride": stride, "num_classes": 19,
                                                     "base_channels": 8}}, "state_dict": model.state_dict()}, ours)
     results = []
     for name, path in (("m", mmseg), ("o", str(ours))):
@@ -32,6 +41,7 @@ def test_eval_only_scores_an_mmseg_1x_file_as_our_own_checkpoint_of_the_same_wei
         assert proc.returncode == 0, proc.stderr[-3000:]
         results.append(json.load(open(next((tmp_path / name).glob("eval_*.json")))))
     assert results[0]["per_class"] == results[1]["per_class"] and results[0]["mIoU"] == results[1]["mIoU"]
+    assert not marker.exists()
 
 
 def test_load_from_an_mmseg_file_starts_training_from_its_weights(tmp_path):

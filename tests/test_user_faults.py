@@ -1,8 +1,8 @@
 """Faults a user meets, each a clear error before any work is lost or wasted: a second run in one
-work dir, unreadable or mismatched checkpoints, a finished run resumed, an mmseg 0.x file
-evaluated, labels beyond --num-classes, a broken val split, a batch that cannot fit in memory,
-and a low-precision level on a CPU without kernels for it. All through launch/run.py itself."""
-import json
+work dir, unreadable or mismatched checkpoints, a finished run resumed, labels beyond
+--num-classes, a broken val split, a batch that cannot fit in memory, and a low-precision level on
+a CPU without kernels for it. All through launch/run.py itself. (An mmseg 0.x file for --eval-only:
+tests/test_launch_mmseg.py.)"""
 import os
 import re
 import shutil
@@ -11,14 +11,12 @@ import signal
 import pytest
 import torch
 
-from core import build_model
 from core.checkpoint import load_checkpoint
 from core.cpu import cpu_bf16, cpu_flags, cpu_fp16
 from core.memory import saved_activation_bytes
 from core.mmseg_io import CheckpointError, read_checkpoint
 from data_loader.cityscapes import CityscapesIndex
 from data_loader.synthetic import generate
-from mmseg_files import mmcv_file
 from test_launch_run import TINY, finish, run, start_until
 from test_launch_mmseg import SMALL
 
@@ -100,27 +98,6 @@ def test_resuming_a_finished_run_says_so(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "is at iteration 2 and --iters is 2: nothing left to train" in proc.stdout
     assert not started_training(proc.stdout)
-
-
-def test_eval_only_reads_an_mmseg_0x_model_zoo_file(tmp_path):
-    # meta['config'] is the config's text there (a dict in our files): no TypeError, the model is
-    # rebuilt from the file, and it scores as our own checkpoint of the same weights.
-    # The file's config text describes an output-stride-16 model (mmseg's r18-d16 layout).
-    torch.manual_seed(0)
-    model = build_model("r18", output_stride=16, num_classes=19, aux_head=True, base_channels=8)
-    marker = tmp_path / "code-ran"
-    zoo = mmcv_file(str(tmp_path / "zoo.pth"), model, marker=str(marker), legacy=True)
-    ours = tmp_path / "ours.pt"
-    torch.save({"meta": {"iteration": 0, "config": {"backbone": "r18", "output_stride": 16, "num_classes": 19,
-                                                    "base_channels": 8}}, "state_dict": model.state_dict()}, ours)
-    scores = []
-    for name, path in (("zoo", zoo), ("ours", str(ours))):
-        proc = run(["--eval-only", "--checkpoint", path, "--work-dir", str(tmp_path / name), *SMALL,
-                    "--eval-max-images", "2"])
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        scores.append(json.load(open(next((tmp_path / name).glob("eval_*.json"))))["mIoU"])
-    assert scores[0] == scores[1]
-    assert not marker.exists()  # the config text was read, never executed
 
 
 @pytest.fixture
