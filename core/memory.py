@@ -31,10 +31,12 @@ class MemoryEstimate:
         return self.activations + self.parameters + self.loader + self.runtime
 
     def describe(self) -> str:
-        gib = 2.0 ** 30
-        return (f"{self.total / gib:.1f} GiB (saved activations {self.activations / gib:.1f}, weights + gradients "
-                f"+ momentum {self.parameters / gib:.1f}, loader slots {self.loader / gib:.2f}, runtime "
-                f"{self.runtime / gib:.1f})")
+        return (f"{_size(self.total)} (saved activations {_size(self.activations)}, weights + gradients + momentum "
+                f"{_size(self.parameters)}, loader slots {_size(self.loader)}, runtime {_size(self.runtime)})")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
 
 
 def saved_activation_bytes(build: Callable[[], torch.nn.Module], batch: int, crop_hw: Tuple[int, int],
