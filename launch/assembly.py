@@ -245,6 +245,10 @@ def build_training(cfg: TrainConfig, env: dist.DistEnv, device: Device, data_roo
     model.to(device.torch_device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     amp = Amp(cfg.opt_level, device.type, resolve_dtype(cfg.amp_dtype, device.autocast_dtype), cfg.init_loss_scale)
     model = amp.prepare(model)
+    if cfg.norm != "bn" and device.type == "cpu" and amp.compute_dtype != torch.float32:
+        log(f"note: --norm {cfg.norm} at {cfg.opt_level} gets {str(amp.compute_dtype).replace('torch.', '')} activations, "
+            "which take its torch path (the fused C++ kernel is fp32): measured slower than bn there and with no "
+            "memory gain at O2 (README, Tuning); it saves memory at O0")
     optimizer = build_sgd(amp.optim_params, cfg.lr, cfg.momentum, cfg.weight_decay)
     schedule = PolyLR(optimizer, cfg.iters, cfg.poly_power, cfg.min_lr)
     ddp_model = cdist.wrap_ddp(model, device.torch_device) if env.distributed else model
