@@ -45,6 +45,37 @@ def unlink_by_name(names) -> None:
                 pass
 
 
+def process_gone(pid: int) -> bool:
+    """True when `pid` no longer names a running process (gone, or a zombie not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by someone else
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state in (b"Z", b"X")
+    except (OSError, IndexError):  # no procfs (macOS): assume alive
+        return False
+
+
+def remove_dead_owners_segments() -> list[str]:
+    """Unlink the segments whose owner pid is gone; returns their names. A rank killed together
+    with its workers (SIGKILL to the whole process group, e.g. by a scheduler or a timeout) leaves
+    nobody to unlink its ring; the next ring created on the machine removes it. Assumes /dev/shm is
+    not shared with processes of another pid namespace (a container's own /dev/shm is not)."""
+    dead = [n for n in leftover_segments() if _owner(n) is not None and process_gone(_owner(n))]
+    unlink_by_name(dead)
+    return dead
+
+
+def _owner(name: str) -> int | None:
+    pid = name[len(SHM_PREFIX):].split("_", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
 class SlotSpec:
     """Shapes of one slot: batch, height, width (image has 3 channels, label none)."""
 
@@ -68,6 +99,7 @@ class SlotRing:
         self.spec = spec
         self.owner = names is None
         if self.owner:
+            remove_dead_owners_segments()
             token = secrets.token_hex(3)
             names = [f"{segment_prefix(os.getpid())}{token}_{i}" for i in range(num_slots)]
         self.names = list(names)

@@ -24,7 +24,7 @@ import numpy as np
 from .cityscapes import DatasetError, VALID_TRAIN_IDS
 from .decode import read_image_rgb, read_image_rgb_top, read_label
 from .sampler import SampleTask, augmentation_rng
-from .shm_ring import SlotRing, SlotSpec, unlink_by_name
+from .shm_ring import SlotRing, SlotSpec, process_gone, unlink_by_name
 from .transforms import TrainTransform, TrainTransformConfig, ValTransform
 
 PARENT_POLL_SECONDS = 0.5
@@ -118,22 +118,6 @@ def _orphaned(parent_pid: int, ring_names) -> None:
     os._exit(0)
 
 
-def parent_gone(pid: int) -> bool:
-    """True when `pid` no longer names a running process (gone, or a zombie not yet reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, owned by someone else (cannot happen for our parent, but harmless)
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state in (b"Z", b"X")
-    except (OSError, IndexError):  # no procfs (macOS): the pipe's EOF still tells us
-        return False
-
-
 def _enable_stack_dumps(stack_path: str | None):
     """SIGUSR1 -> all threads' Python stacks appended to stack_path. Returns the open file (kept
     open for the process's life: faulthandler writes to its descriptor from a signal handler)."""
@@ -165,7 +149,7 @@ def worker_main(conn, spec: SlotSpec, ring_names: list[str], ring: SlotRing | No
     while True:
         try:
             if not conn.poll(PARENT_POLL_SECONDS):
-                if parent_gone(parent_pid):
+                if process_gone(parent_pid):
                     _orphaned(parent_pid, ring_names)
                 continue
             msg = conn.recv()

@@ -60,10 +60,11 @@ def segments_present(names):
     return [n for n in names if os.path.exists(os.path.join("/dev/shm", n))]
 
 
-def start_training(root, mode="loop"):
+def start_training(root, mode="loop", own_session=False):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", TRAINING_SCRIPT, root, mode], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=own_session)
     line = proc.stdout.readline().split()
     if not line or line[0] != "READY":
         proc.kill()
@@ -100,6 +101,20 @@ def test_sigkill_of_the_main_process_orphaned_workers_clean_up(root):
     proc.communicate(timeout=10)
     assert wait_until(lambda: segments_present(names) == [], 5), segments_present(names)
     assert wait_until(lambda: not any(alive(p) for p in pids), 5)
+
+
+def test_segments_of_a_process_group_killed_together_are_removed_by_the_next_loader(root):
+    # SIGKILL to the whole group (a scheduler, a timeout): rank and workers die at once and nobody
+    # is left to unlink; the next loader on the machine removes what dead owners left.
+    proc, names, pids = start_training(root, own_session=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=10)
+    assert wait_until(lambda: not any(alive(p) for p in pids), 5)
+    time.sleep(1.0)  # longer than a worker's orphan check: no survivor cleans up
+    assert segments_present(names) == names
+    with build_train_loader(root, **OPTS) as loader:
+        assert segments_present(names) == []
+        assert segments_present(loader.segment_names) == loader.segment_names  # live owners' stay
 
 
 def test_a_killed_worker_makes_the_iterator_raise_within_seconds(root):
