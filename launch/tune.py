@@ -44,7 +44,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from core.config import TrainConfig, _f, build_parser, field_names, parse_config  # noqa: E402
-from core.cpu import bf16_here  # noqa: E402
+from core.cpu import low_precision_here  # noqa: E402
 from launch import tune_trial as trial_io  # noqa: E402
 from launch.dist import cpu_threads  # noqa: E402
 from launch.tune_space import (DIMS, ORDER, Dim, default_values, device_type,  # noqa: E402
@@ -120,15 +120,25 @@ class Tuner:
                 values = [dim.parse(v.strip(), flag) for v in text.split(",") if v.strip()]
                 if not values:
                     raise ValueError(f"{flag}: give at least one value")
-                if name == "precision" and self.dev == "cpu" and any(v.get("amp_dtype", "auto") in ("auto", "bfloat16")
-                                                                     and v["opt_level"] != "O0" for v in values):
-                    ok, why = bf16_here()
-                    if not ok:
-                        self.notes.append(f"precision: bf16 levels run as asked, but expect them slow: {why}")
+                if name == "precision" and self.dev == "cpu":
+                    values = [self._insisted(v) for v in values]
             if name == "pack" and values:
                 values = self._pack_values(values)
             dims.append((dim, values))
         return dims
+
+    def _insisted(self, value: Dict) -> Dict:
+        """A low-precision level asked for by name on a CPU without kernels for its dtype: run.py
+        refuses it unless insisted on, and asking for it by name is insisting."""
+        if value["opt_level"] == "O0":
+            return value
+        dtype = {"auto": "bfloat16"}.get(value.get("amp_dtype", "auto"), value.get("amp_dtype"))
+        ok, why = low_precision_here(dtype)
+        if ok:
+            return value
+        self.notes.append(f"precision: {value['opt_level']}-{dtype} runs as asked (--allow-slow-precision), but "
+                          f"expect it 10-30x slower than fp32: {why}")
+        return dict(value, allow_slow_precision=True)
 
     def _pack_values(self, values: List[Dict]) -> List[Dict]:
         result = []

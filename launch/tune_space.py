@@ -74,7 +74,7 @@ def _pack(text: str, flag: str) -> Dict:
 DIMS = {d.name: d for d in [
     Dim("procs-threads", ("nproc", "threads"), _procs_threads),
     Dim("batch-size", ("batch_size",), lambda t, f: {"batch_size": _int(t, f, 1)}),
-    Dim("precision", ("opt_level", "amp_dtype"), _precision),
+    Dim("precision", ("opt_level", "amp_dtype", "allow_slow_precision"), _precision),
     Dim("channels-last", ("channels_last",), lambda t, f: {"channels_last": _on_off(t, f)}),
     Dim("norm", ("norm",), _norm),
     Dim("compile", ("compile",), lambda t, f: {"compile": _on_off(t, f)}),

@@ -16,7 +16,7 @@ from core.config import field_names, parse_config
 from core.cpu import cpu_bf16
 from launch import tune, tune_report, tune_trial
 from launch.tune_space import default_values
-from scripts import run_script
+from scripts import clean_env, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Global batch 3 runs on one rank and cannot be split over two: run.py rejects the 2x1 trial.
@@ -197,3 +197,18 @@ def test_bf16_gating_on_this_machine():
         assert levels == ["O0-", "O1-bfloat16", "O2-bfloat16"] and note == ""
     else:
         assert levels == ["O0-"] and re.search("bf16 opt levels left out: .+", note)
+
+
+def test_a_slow_precision_asked_for_by_name_runs_as_insisted(tmp_path):
+    # ATEN_CPU_CAPABILITY=avx2: no fast bf16 on any x86 CPU. run.py refuses O1 there unless insisted
+    # on; a level the user names in --try-precision is insisted on, with a note saying it is slow.
+    out = tmp_path / "tune"
+    proc = run_script(["launch/tune.py", *TINY + ["--warmup", "1", "--steps", "1", "--sweep", "precision",
+                                                  "--try-precision", "O0,O1", "--out", str(out)]],
+                      env=clean_env({"ATEN_CPU_CAPABILITY": "avx2"}))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "tune.json").read_text())
+    assert [t["status"] for t in result["trials"]] == ["ok", "ok"], result["trials"]
+    assert "--allow-slow-precision" in result["trials"][1]["command"]
+    assert "precision: O1-bfloat16 runs as asked (--allow-slow-precision), but expect it 10-30x slower" in \
+        (out / "tune.md").read_text()
