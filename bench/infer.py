@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, finish, machine_line, markdown, measure_peaks, peak_rss_mib, run_child  # noqa: E402
 
 from core.config import _f, parse_config  # noqa: E402
+from launch.dist import cpu_threads  # noqa: E402
 
 BASE_DEFAULTS = ["--preset", "cityscapes", "--backbone", "r50", "--crop", "512x1024", "--workers", "1"]
 VARIANTS = {  # name: (fold BN, channels_last, atrous, compile, bf16)
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     print(f"machine: {machine_line()}")
     print(f"case: {'bf16 kernels present' if bf16_ok else 'no bf16 kernels (' + why + '): bf16 variants left out'}")
     names = [opts.only] if opts.only else [n for n, v in VARIANTS.items() if bf16_ok or not v[4]]
-    threads = cfg.threads or len(os.sched_getaffinity(0))
+    threads = cpu_threads(cfg.threads, 1)
     peaks = measure_peaks(["float32"] + (["bfloat16"] if bf16_ok else []), threads)
     tmp = tempfile.mkdtemp(prefix="bench-infer-")
     checkpoint = cfg.checkpoint

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import finish, machine_line, markdown, measure_peaks, peak_rss_mib, rss_mib, run_child  # noqa: E402
 
 from core.config import _f, parse_config  # noqa: E402
+from launch.dist import cpu_threads  # noqa: E402
 
 BASE_DEFAULTS = ["--preset", "cityscapes", "--backbone", "r50", "--batch-size", "2", "--crop", "256x512",
                  "--workers", "1", "--no-tensorboard", "--no-evaluate", "--no-checkpoints"]
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     names = [opts.only] if opts.only else [n for n, (_, needs) in VARIANTS.items() if bf16_ok or not needs]
     if opts.only and VARIANTS[opts.only][1] and not bf16_ok:
         print(f"warning: {opts.only} uses bf16 without bf16 kernels here: expect it to be slow", file=sys.stderr)
-    threads = cfg.threads or len(os.sched_getaffinity(0))
+    threads = cpu_threads(cfg.threads, 1)
     peaks = measure_peaks(["float32"] + (["bfloat16"] if bf16_ok else []), threads)
     print("matmul peak: " + ", ".join(f"{d} {t:.3f} TFLOP/s" for d, t in peaks.items()) + f" ({threads} threads)")
     print(f"model {cfg.backbone} base {cfg.base_channels} OS{cfg.output_stride}, batch {cfg.batch_size}, crop "

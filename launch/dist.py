@@ -101,11 +101,8 @@ def cpu_threads(requested: int, local_world_size: int) -> int:
     """Intra-op threads per process: the request, or this node's cores split between its ranks."""
     if requested > 0:
         return requested
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local_world_size))
+    from core.cpu import usable_cores
+    return max(1, usable_cores() // max(1, local_world_size))
 
 
 # ---- stopping on SIGINT / SIGTERM -------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Dict, List
 
 import yaml
 
-from core.cpu import cpu_bf16, cpu_flags, cpu_model
+from core.cpu import bf16_here, cpu_model, usable_cores
 from launch import tune_trial as trial_io
 from profiling.report import bar_chart_png, markdown_table, write_json
 
@@ -19,12 +19,11 @@ COLUMNS = ["rank", "trial", "setting", "images/s", "vs base", "step ms", "data-w
 
 def machine(dev: str) -> Dict[str, str]:
     import torch
-    info = {"cpu": cpu_model(), "cores": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                                       else os.cpu_count()),
+    info = {"cpu": cpu_model(), "cores": str(usable_cores()),
             "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "device": dev, "python": platform.python_version()}
     if dev == "cpu":
-        ok, why = cpu_bf16(cpu_flags(), info["cpu_capability"])
+        ok, why = bf16_here()
         info["bf16"] = ("yes: " if ok else "no: ") + why
     elif dev == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
