@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from typing import Dict, List, Sequence
@@ -19,7 +18,8 @@ if ROOT not in sys.path:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    from core.device import peak_rss_bytes
+    return peak_rss_bytes() / 2 ** 20
 
 
 def rss_mib() -> float:

@@ -17,6 +17,19 @@ _DIST_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 _AUTOCAST_DTYPES = {"cpu": torch.bfloat16, "cuda": torch.float16, "npu": torch.float16}
 
 
+def peak_rss_bytes() -> int:
+    """The peak resident set size of this process so far (ru_maxrss); the current RSS where
+    getrusage does not exist (Windows)."""
+    import sys
+    try:
+        import resource
+    except ImportError:
+        import psutil
+        return int(psutil.Process().memory_info().rss)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+
+
 def _import_torch_npu():
     try:
         import torch_npu  # noqa: F401  (registers the 'npu' device with torch)
@@ -73,10 +86,7 @@ class Device:
         process so far (the current RSS would miss the activations, freed by the time it is read)."""
         if self.module is not None:
             return int(self.module.max_memory_allocated())
-        import resource
-        import sys
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+        return peak_rss_bytes()
 
     def timer(self) -> "EventTimer":
         return EventTimer(self)

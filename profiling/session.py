@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 from typing import Dict, List
 
 import torch
@@ -36,13 +35,9 @@ def peak_memory(device) -> Dict[str, int]:
     """Peak resident set of this process (ru_maxrss: the whole life so far) and the current one;
     on CUDA/NPU also the caching allocator's peaks since its last reset."""
     import psutil
-    out = {"rss_bytes": int(psutil.Process().memory_info().rss)}
-    try:
-        import resource
-        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out["peak_rss_bytes"] = int(ru if sys.platform == "darwin" else ru * 1024)  # Linux reports KiB
-    except ImportError:  # no getrusage (Windows): the current RSS is the best we have
-        out["peak_rss_bytes"] = out["rss_bytes"]
+
+    from core.device import peak_rss_bytes
+    out = {"rss_bytes": int(psutil.Process().memory_info().rss), "peak_rss_bytes": peak_rss_bytes()}
     if device.module is not None:
         out["max_allocated_bytes"] = int(device.module.max_memory_allocated(device.torch_device))
         out["max_reserved_bytes"] = int(device.module.max_memory_reserved(device.torch_device))
