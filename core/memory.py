@@ -5,7 +5,7 @@ does not have it should be told at start-up, not by the OOM killer an hour in.
 The estimate runs the model's forward on the meta device (no memory, no compute) and adds up the
 tensors autograd saves for the backward, each storage once: that is what a step holds at its peak,
 when the backward starts. Added to it: weights, gradients and SGD momentum (3 fp32 copies of the
-parameters, a 4th at O2/O3 for the low-precision model), the loader's shared-memory slots, and a
+parameters, a 4th at O2 for the low-precision model beside its masters), the loader's slots, and a
 fixed allowance for the interpreter, torch and oneDNN. Saved tensors are counted in fp32, so at
 O1-O3 the figure is an upper bound.
 """
@@ -64,11 +64,12 @@ def saved_activation_bytes(build: Callable[[], torch.nn.Module], batch: int, cro
 
 
 def estimate_train_memory(build: Callable[[], torch.nn.Module], batch: int, crop_hw: Tuple[int, int],
-                          channels_last: bool, low_precision_model: bool, loader_slots: int) -> MemoryEstimate:
+                          channels_last: bool, master_weights: bool, loader_bytes: int) -> MemoryEstimate:
+    """`master_weights`: the opt level keeps fp32 masters beside a low-precision model (O2);
+    `loader_bytes`: the loader's shared-memory slots."""
     activations, n_params = saved_activation_bytes(build, batch, crop_hw, channels_last)
-    copies = 3 + (1 if low_precision_model else 0)  # weights, grads, momentum (+ the O2/O3 model)
-    slot = batch * 4 * crop_hw[0] * crop_hw[1]  # uint8 image (3 channels) + label per pixel
-    return MemoryEstimate(activations, 4 * copies * n_params, loader_slots * slot)
+    copies = 3 + (1 if master_weights else 0)  # weights, grads, momentum (+ the low-precision model)
+    return MemoryEstimate(activations, 4 * copies * n_params, loader_bytes)
 
 
 def available_bytes() -> int:

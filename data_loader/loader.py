@@ -56,6 +56,12 @@ class LoaderInterrupted(Exception):
     is what the next `next()` returns, and state_dict() still points at it."""
 
 
+def ring_slots(workers: int, prefetch: int) -> int:
+    """Batch slots a loader holds: `prefetch` in flight per worker plus the one the step reads
+    (one local buffer without workers)."""
+    return workers * prefetch + 1 if workers else 1
+
+
 class ShmLoader:
     """Iterates batches plan(0), plan(1), ... (num_batches of them, or forever if None)."""
 
@@ -86,7 +92,7 @@ class ShmLoader:
             self._resources = None
             self._tensors = [tuple(torch.from_numpy(a) for a in self._local)]
             return
-        ring = SlotRing(spec, workers * prefetch + 1)
+        ring = SlotRing(spec, ring_slots(workers, prefetch))
         self._resources = LoaderResources(ring, [], [])
         self._finalizer = weakref.finalize(self, self._resources.shutdown)
         self._started = time.monotonic()

@@ -70,7 +70,7 @@ def check_data(cfg: TrainConfig, data_root: str) -> None:
         return
     from data_loader.cityscapes import CityscapesIndex
     from data_loader.decode import read_label
-    samples = CityscapesIndex(data_root, "train").samples
+    samples = CityscapesIndex(data_root, "train", check_sizes=False).samples  # the loader checks sizes itself
     if cfg.evaluate:
         CityscapesIndex(data_root, "val")  # DatasetError naming the file or folder
     for _, label in samples[::max(1, len(samples) // 8)][:8]:
@@ -87,10 +87,14 @@ def check_memory(cfg: TrainConfig, env: dist.DistEnv, device: Device, batch: int
     every process on this node against the memory available (CPU; accelerators report their own)."""
     if device.type != "cpu":
         return
+    from core.amp import OPT_LEVELS
     from core.memory import available_bytes, estimate_train_memory
+    from data_loader.loader import ring_slots
+    from data_loader.shm_ring import SlotSpec
     no_weights = replace(cfg, pretrained=None, load_from=None)
     est = estimate_train_memory(functools.partial(build_model, no_weights), batch, cfg.crop, cfg.channels_last,
-                                cfg.opt_level in ("O2", "O3"), cfg.workers * cfg.prefetch + 1)
+                                OPT_LEVELS[cfg.opt_level].master_weights,
+                                SlotSpec(batch, *cfg.crop).nbytes * ring_slots(cfg.workers, cfg.prefetch))
     need, have = est.total * env.local_world_size, available_bytes()
     log(f"estimated memory per process: {est.describe()}; {env.local_world_size} on this node, "
         f"{have / 2 ** 30:.1f} GiB available")
