@@ -2,6 +2,7 @@
 timeout kills its whole process group (ranks, loader workers, fork server) and none is left behind."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -33,3 +34,10 @@ def run_script(argv, timeout=240, env=None, merge_output=False, what=None):
         out, err = proc.communicate()
         pytest.fail(f"{what or ' '.join(argv[:2])} did not finish within {timeout} s:\n{out[-3000:]}\n{(err or '')[-3000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a rendezvous the test sets up)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -11,6 +11,7 @@ import time
 import psutil
 
 from test_launch_run import RUN, ROOT, TINY, finish, run, start_until, train_records
+from scripts import free_port
 
 
 def test_a_failed_rank_is_restarted_and_the_job_resumes_from_its_checkpoint(tmp_path):
@@ -34,7 +35,7 @@ def test_a_failed_rank_is_restarted_and_the_job_resumes_from_its_checkpoint(tmp_
 
 
 def test_two_nodes_meet_at_a_c10d_rendezvous(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     common = TINY + ["--iters", "3", "--nnodes", "2", "--nproc", "1", "--master-addr", "127.0.0.1",
                      "--master-port", str(port), "--rdzv-id", f"test-{port}", "--ckpt-interval", "1000"]
@@ -76,13 +77,6 @@ def test_a_second_signal_kills_ranks_and_workers_and_their_shared_memory_is_remo
 
 def _segments(pid):
     return [n for n in os.listdir("/dev/shm") if n.startswith(f"dlt_{pid}_")]
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_rank_and_the_global_data_order_continues(tmp_path):

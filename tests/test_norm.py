@@ -2,7 +2,6 @@
 (nn.BatchNorm2d + LeakyReLU/ReLU, + the residual add), gradcheck of the torch path, what it keeps
 for the backward, the model wiring (default unchanged, same keys, folding), AMP dtypes,
 torch.compile without recompiles, and SyncBN over two real gloo processes."""
-import socket
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from core.backbone import Bottleneck
 from core.blocks import ConvBNAct, PoolBatchNorm2d, count_batchnorms
 from core.norm import NORMS, Activation, BatchNormAct2d, bn_act_train
 from core.sync_bn import convert_sync_batchnorm
+from scripts import free_port
 
 torch.set_num_threads(2)
 CL = torch.channels_last
@@ -258,11 +258,6 @@ def test_compiled_model_does_not_recompile():
 
 # ---- SyncBN over two real gloo processes ------------------------------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _sync_case(seed):
     g = torch.Generator().manual_seed(seed)
@@ -338,7 +333,7 @@ def _rank_main(rank, world, port, seed, out_path):
 
 def test_sync_bn_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path):
     seed = torch.seed() % 2**31
-    mp.spawn(_rank_main, args=(2, _free_port(), seed, str(tmp_path / "r")), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), seed, str(tmp_path / "r")), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"r.{k}", weights_only=True) for k in range(2)]
     # One process, the concatenated batch, torch's own modules.
     state, x, r, dy = _sync_case(seed)

@@ -1,6 +1,5 @@
 """Two gloo ranks with batch 1 each train exactly like one process with batch 2 (SyncBN, fp32)."""
 import functools
-import socket
 
 import numpy as np
 import torch
@@ -16,6 +15,7 @@ from core.losses import seg_loss
 from core.optim import PolyLR, build_sgd
 from core.atrous_plan import count_skipped_macs
 from core.sync_bn import CpuSyncBatchNorm, convert_sync_batchnorm
+from scripts import free_port
 
 STEPS = 10
 CROP = 64
@@ -69,12 +69,6 @@ def _rank_main(rank, world, port, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_match_one_process_with_double_batch(tmp_path):
     torch.set_num_threads(1)
     images, labels = blocks_dataset(2 * STEPS)
@@ -82,7 +76,7 @@ def test_two_gloo_ranks_match_one_process_with_double_batch(tmp_path):
     ref = train(single, images, labels, 0, 1)
 
     out = tmp_path / "rank0.pt"
-    mp.spawn(_rank_main, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), str(out)), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
 
     ref, losses = np.array(ref), np.array(got["losses"])
