@@ -60,6 +60,40 @@ def segments_present(names):
     return [n for n in names if os.path.exists(os.path.join("/dev/shm", n))]
 
 
+def communicate(proc, timeout):
+    """proc.communicate(timeout), but a process (or a child holding its pipes) still there at the
+    timeout fails the test with every one's Python stack (py-spy) and the process tree."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = [proc.pid] + [c.pid for c in _children(proc.pid)]
+        dumps = []
+        for pid in tree:
+            dump = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+            dumps.append(f"--- pid {pid}: {_cmdline(pid)}\n{dump.stdout}{dump.stderr}")
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.communicate()
+        pytest.fail(f"the process did not end within {timeout} s; stacks:\n" + "\n".join(dumps))
+
+
+def _children(pid):
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _cmdline(pid):
+    try:
+        return " ".join(psutil.Process(pid).cmdline())[:200]
+    except psutil.Error:
+        return "(gone)"
+
+
 def start_training(root, mode="loop", own_session=False):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", TRAINING_SCRIPT, root, mode], cwd=REPO, env=env,
@@ -79,7 +113,7 @@ def start_training(root, mode="loop", own_session=False):
 def test_signal_to_the_main_process_releases_everything(root, sig):
     proc, names, pids = start_training(root)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=20)
+    _, err = communicate(proc, 20)
     assert proc.returncode == -sig, err
     # SIGINT unwinds through Python (the loader's finalizer); SIGTERM, left to its default action by
     # the loader (signals are the entry point's), kills at once and the workers clean up after it.
@@ -89,7 +123,7 @@ def test_signal_to_the_main_process_releases_everything(root, sig):
 
 def test_exception_in_the_training_loop_releases_everything(root):
     proc, names, pids = start_training(root, mode="raise")
-    _, err = proc.communicate(timeout=20)
+    _, err = communicate(proc, 20)
     assert proc.returncode == 1 and "the training step failed" in err
     assert segments_present(names) == []
     assert wait_until(lambda: not any(alive(p) for p in pids), 5)
@@ -98,7 +132,7 @@ def test_exception_in_the_training_loop_releases_everything(root):
 def test_sigkill_of_the_main_process_orphaned_workers_clean_up(root):
     proc, names, pids = start_training(root)
     proc.kill()
-    proc.communicate(timeout=10)
+    communicate(proc, 10)
     assert wait_until(lambda: segments_present(names) == [], 5), segments_present(names)
     assert wait_until(lambda: not any(alive(p) for p in pids), 5)
 
@@ -108,7 +142,7 @@ def test_segments_of_a_process_group_killed_together_are_removed_by_the_next_loa
     # is left to unlink; the next loader on the machine removes what dead owners left.
     proc, names, pids = start_training(root, own_session=True)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=10)
+    communicate(proc, 10)
     assert wait_until(lambda: not any(alive(p) for p in pids), 5)
     time.sleep(1.0)  # longer than a worker's orphan check: no survivor cleans up
     assert segments_present(names) == names
