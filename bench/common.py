@@ -27,6 +27,28 @@ def rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2 ** 20
 
 
+def tensor_peak_mib(fn) -> float:
+    """Run fn() once under torch.profiler's allocator accounting and return the most bytes that
+    the tensors it allocated held at once (every CPU allocation and free during the call, oneDNN's
+    workspaces included; tensors from before the call are not counted, even when it frees them):
+    on CPU the analogue of CUDA's max_memory_allocated over one call, free of what RSS adds (pages
+    glibc keeps after a free). NaN if this torch's profiler lacks the API."""
+    from torch.profiler import ProfilerActivity, profile
+    try:
+        from torch._C._profiler import _EventType
+    except ImportError:
+        return float("nan")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation:
+            peak = max(peak, event.extra_fields.total_allocated)  # running total of the call's own
+        stack.extend(event.children)
+    return peak / 2 ** 20
+
+
 def run_child(script: str, argv: Sequence[str], variant: str, timeout: float = 3600.0) -> Dict:
     """Run `script --child variant argv...` and return its JSON result, or {"error": ...}."""
     cmd = [sys.executable, script, *argv, "--child", variant]

@@ -8,7 +8,8 @@ Each variant runs in a fresh process: the model (launch/assembly.build_model fro
 random weights: speed does not depend on them) in eval mode, aux head dropped, under
 torch.no_grad, timed over --steps forwards of one --crop image after --warmup (median).
 Variants: the eager fp32 NCHW model with unfused BN and whole dilated convolutions (baseline);
-BN folded into the convs; + channels_last; + padding-aware atrous convolutions; + torch.compile;
+BN folded into the convs; + channels_last; + padding-aware atrous convolutions; + Winograd
+F(4x4, 3x3) for the fp32 3x3 convs of dilation <= 4 (core/winograd.py); + torch.compile;
 bf16 (weights cast, as O3) where the CPU has bf16 kernels; and all together (best).
 
 Argmax agreement: the same variants of a model trained on the synthetic set (a random model's
@@ -33,14 +34,17 @@ from core.config import _f, parse_config  # noqa: E402
 from launch.dist import cpu_threads  # noqa: E402
 
 BASE_DEFAULTS = ["--preset", "cityscapes", "--backbone", "r50", "--crop", "512x1024", "--workers", "1"]
-VARIANTS = {  # name: (fold BN, channels_last, atrous, compile, bf16)
-    "baseline": (False, False, False, False, False),
-    "folded": (True, False, False, False, False),
-    "folded+channels_last": (True, True, False, False, False),
-    "folded+cl+atrous": (True, True, True, False, False),
-    "fp32-best": (True, True, True, True, False),
-    "bf16": (True, True, False, False, True),
-    "best": (True, True, True, True, True),
+VARIANTS = {  # name: (fold BN, channels_last, atrous, winograd, compile, bf16)
+    "baseline": (False, False, False, False, False, False),
+    "folded": (True, False, False, False, False, False),
+    "folded+channels_last": (True, True, False, False, False, False),
+    "folded+cl+atrous": (True, True, True, False, False, False),
+    # launch/predict.py's fp32 default
+    "folded+cl+atrous+winograd": (True, True, True, True, False, False),
+    "fp32-best": (True, True, True, True, True, False),
+    "bf16": (True, True, False, False, False, True),
+    # Winograd stays out of bf16: its transforms amplify bf16 rounding (core/winograd.py)
+    "best": (True, True, True, False, True, True),
 }
 
 
@@ -62,12 +66,15 @@ def prepare(model, name: str):
 
     from core.atrous import convert_atrous, revert_atrous
     from core.blocks import fuse_for_inference
-    fold, cl, atrous, compile_, bf16 = VARIANTS[name]
+    from core.winograd import convert_winograd
+    fold, cl, atrous, winograd, compile_, bf16 = VARIANTS[name]
     model.auxiliary_head = None
     revert_atrous(model)  # folding rebuilds convs; the padding-aware ones are made afterwards
     model.eval()
     if fold:
         fuse_for_inference(model)
+    if winograd:  # before the atrous conversion, which then takes only the large dilations
+        convert_winograd(model)
     if atrous:
         convert_atrous(model)
     model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
@@ -77,8 +84,10 @@ def prepare(model, name: str):
         return model
     import torch._inductor.config as inductor_config
     # Inference only: freezing folds the weights into the graph as constants, so inductor can use
-    # oneDNN's prepacked weight layouts (4.42 s against 4.67 s per R50-D8 image here, fp32).
-    inductor_config.freezing = True
+    # oneDNN's prepacked weight layouts (4.42 s against 4.67 s per R50-D8 image here, fp32). Not
+    # with Winograd: its convs run eagerly between compiled graphs, and torch 2.13 with freezing
+    # and those graph breaks gave wrong logits (17% argmax agreement) with ATen at AVX2.
+    inductor_config.freezing = not winograd
     return torch.compile(model, dynamic=False)
 
 
@@ -91,7 +100,7 @@ def run_variant(argv, name: str) -> dict:
     from launch.assembly import build_model, set_up_process
     cfg, opts = parse_config(argv, extra=InferOptions, prog="bench/infer.py")
     env, device = set_up_process(cfg)
-    _, cl, _, _, bf16 = VARIANTS[name]
+    _, cl, _, _, _, bf16 = VARIANTS[name]
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = prepare(build_model(cfg), name)
     x = torch.randn(1, 3, *cfg.crop).to(dtype=dtype, memory_format=torch.channels_last if cl else torch.contiguous_format)
@@ -139,7 +148,7 @@ def main(argv=None) -> int:
     bf16_ok, why = bf16_here()
     print(f"machine: {machine_line()}")
     print(f"case: {'bf16 kernels present' if bf16_ok else 'no bf16 kernels (' + why + '): bf16 variants left out'}")
-    names = [opts.only] if opts.only else [n for n, v in VARIANTS.items() if bf16_ok or not v[4]]
+    names = [opts.only] if opts.only else [n for n, v in VARIANTS.items() if bf16_ok or not v[5]]
     threads = cpu_threads(cfg.threads, 1)
     peaks = measure_peaks(["float32"] + (["bfloat16"] if bf16_ok else []), threads)
     tmp = tempfile.mkdtemp(prefix="bench-infer-")
@@ -166,7 +175,8 @@ def main(argv=None) -> int:
         if base is not None:
             r["speedup"] = base["median_s"] / r["median_s"]
             r["agreement"] = float((maps[r["variant"]] == maps["baseline"]).mean())
-    print(f"\nR50-D8 inference, batch 1, {cfg.crop[0]}x{cfg.crop[1]}, {threads} threads; agreement on "
+    print(f"\n{cfg.backbone.upper()}-D{cfg.output_stride} (base {cfg.base_channels}) inference, batch 1, "
+          f"{cfg.crop[0]}x{cfg.crop[1]}, {threads} threads; agreement on "
           f"{opts.agreement_images} synthetic val images with {checkpoint}")
     print(markdown(ok, [("variant", "variant", ""), ("ms/image", "ms", "{:.0f}"),
                         ("images/s", "images_per_s", "{:.2f}"), ("vs baseline", "speedup", "{:.2f}x"),

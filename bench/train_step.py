@@ -14,7 +14,9 @@ Columns: images/s; achieved TFLOP/s (the FLOPs the variant really computes: the 
 minus what the padding-aware convolutions skip); MFU against the matmul peak of the variant's
 compute dtype measured at the start of this run; effective MFU (the plain model's FLOPs over
 the step time, above the real MFU when work is skipped); peak RSS of the process and the step's
-own memory (peak RSS minus the RSS before the first step); the loss of the timed steps against
+own memory (peak RSS minus the RSS before the first step); the step's tensor peak (one more,
+untimed step under torch.profiler's allocator accounting: the most bytes its tensors held at
+once, what CUDA's max_memory_allocated measures, without the freed pages glibc keeps); the loss of the timed steps against
 the baseline's (the same data and initialisation: exact variants agree to float rounding, bf16
 and the leaky-ReLU norm do not). Ratios are to the baseline measured in the same run.
 """
@@ -27,7 +29,8 @@ import time
 from dataclasses import dataclass, replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import finish, machine_line, markdown, measure_peaks, peak_rss_mib, rss_mib, run_child  # noqa: E402
+from common import (finish, machine_line, markdown, measure_peaks, peak_rss_mib, rss_mib, run_child,  # noqa: E402
+                    tensor_peak_mib)
 
 from core.config import _f, parse_config  # noqa: E402
 from launch.dist import cpu_threads  # noqa: E402
@@ -44,6 +47,8 @@ VARIANTS = {  # name: (flags added to PLAIN, needs bf16 kernels)
     "compile": (["--compile"], False),
     # the fused kernel works on channels-last memory (NCHW takes its slower torch path)
     "inplace-abn": (["--norm", "inplace-abn-residual", "--channels-last"], False),
+    # what a user short of memory runs: the defaults with the memory-saving norm
+    "memory-saving": (FP32_BEST + ["--norm", "inplace-abn-residual"], False),
     "bf16-O1": (BF16, True),
     "bf16-O2": (["--opt-level", "O2", "--amp-dtype", "bfloat16"], True),
     "fp32-best": (FP32_BEST, False),
@@ -67,23 +72,28 @@ def run_variant(argv, name: str) -> dict:
 
     from launch.assembly import build_training, resolve_data, set_up_process
     cfg, opts = parse_config(argv + PLAIN + VARIANTS[name][0], extra=BenchOptions, prog="bench/train_step.py")
-    cfg = replace(cfg, iters=opts.warmup + opts.steps)
+    cfg = replace(cfg, iters=opts.warmup + opts.steps + 1)  # + 1 profiled for its tensor memory
     env, device = set_up_process(cfg)
     training = build_training(cfg, env, device, resolve_data(cfg, env), log=lambda s: None)
     try:
         plain, skipped = training.flops_per_step(), training.flops_skipped_per_step()
         rss_before = rss_mib()
         batches, times, losses = iter(training.loader), [], []
-        for i in range(cfg.iters):
+        for i in range(cfg.iters - 1):
             training.schedule.set_iteration(i)
             t0 = time.perf_counter()
             result = training.step(next(batches))
             times.append(time.perf_counter() - t0)
             losses.append(result.loss)
         timed = times[opts.warmup:]
+        rss_peak = peak_rss_mib()  # before the profiled step below, whose bookkeeping adds to RSS
+        training.schedule.set_iteration(cfg.iters - 1)
+        batch = next(batches)
+        tensor_peak = tensor_peak_mib(lambda: training.step(batch))
         return {"variant": name, "median_s": statistics.median(timed), "times_s": timed, "losses": losses[opts.warmup:],
                 "flops_plain": plain, "flops_real": plain - skipped, "rss_before_mib": rss_before,
-                "peak_rss_mib": peak_rss_mib(), "dtype": "bfloat16" if training.amp.compute_dtype == torch.bfloat16
+                "peak_rss_mib": rss_peak, "tensor_peak_mib": tensor_peak,
+                "dtype": "bfloat16" if training.amp.compute_dtype == torch.bfloat16
                 else "float32", "threads": torch.get_num_threads(), "batch": training.batch_size}
     finally:
         training.close()
@@ -122,7 +132,8 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"{name}: " + (r["error"] if "error" in r else
                             f"{r['images_per_s']:.3f} images/s, step {r['median_s']:.2f} s, MFU {r['mfu']:.2f}, "
-                            f"effective MFU {r['eff_mfu']:.2f}, peak {r['peak_rss_mib']:.0f} MiB"), flush=True)
+                            f"effective MFU {r['eff_mfu']:.2f}, peak RSS {r['peak_rss_mib']:.0f} MiB, "
+                            f"step tensor peak {r['tensor_peak_mib']:.0f} MiB"), flush=True)
     ok = [r for r in rows if "error" not in r]
     base = next((r for r in ok if r["variant"] == "baseline"), None)
     for r in ok:
@@ -130,12 +141,14 @@ def main(argv=None) -> int:
             r["speedup"] = base["median_s"] / r["median_s"]
             r["mem_ratio"] = r["peak_rss_mib"] / base["peak_rss_mib"]
             r["step_mem_ratio"] = r["step_mem_mib"] / base["step_mem_mib"]
+            r["tensor_ratio"] = r["tensor_peak_mib"] / base["tensor_peak_mib"]
             n = min(len(r["losses"]), len(base["losses"]))
             r["loss_rel"] = max(abs(a - b) / abs(b) for a, b in zip(r["losses"][:n], base["losses"][:n]))
     columns = [("variant", "variant", ""), ("images/s", "images_per_s", "{:.3f}"), ("vs baseline", "speedup", "{:.2f}x"),
                ("TFLOP/s", "tflops", "{:.3f}"), ("MFU", "mfu", "{:.2f}"), ("effective MFU", "eff_mfu", "{:.2f}"),
                ("dtype", "dtype", ""), ("peak RSS MiB", "peak_rss_mib", "{:.0f}"), ("vs baseline", "mem_ratio", "{:.2f}"),
                ("step memory MiB", "step_mem_mib", "{:.0f}"), ("vs baseline", "step_mem_ratio", "{:.2f}"),
+               ("step tensor peak MiB", "tensor_peak_mib", "{:.0f}"), ("vs baseline", "tensor_ratio", "{:.2f}"),
                ("loss vs baseline", "loss_rel", "{:.1e}")]
     print("\n" + markdown(ok, columns))
     return finish(rows, opts.json, peaks)

@@ -94,7 +94,7 @@ class Segmenter:
     def __init__(self, ckpt: LoadedCheckpoint, device: str = "cpu", opt_level: str = "O0", amp_dtype: str = "auto",
                  mode: str = "whole", scale: Optional[Tuple[int, int]] = MMSEG_SCALE,
                  tile: Optional[Tuple[int, int]] = None, stride: Optional[Tuple[int, int]] = None,
-                 channels_last: bool = True, fuse: bool = True, atrous: bool = True):
+                 channels_last: bool = True, fuse: bool = True, atrous: bool = True, winograd: bool = True):
         from core.device import get_device
         from data_loader.transforms import ValTransform
         if mode not in ("whole", "slide"):
@@ -115,6 +115,13 @@ class Segmenter:
         model = build_from_checkpoint(ckpt, aux_head=False)
         if fuse:
             fuse_for_inference(model)  # fold every BN into its conv: fewer ops, same outputs
+        # fp32 3x3 convs by Winograd F(4x4, 3x3) on the CPU (core/winograd.py; error ~1e-6 relative,
+        # the bf16 levels keep the direct conv); after folding, before the atrous conversion, which
+        # then takes only the ASPP's large dilations
+        self.winograd_convs = 0
+        if winograd and self.device.type == "cpu" and self.amp.level.name == "O0":
+            from core.winograd import convert_winograd
+            self.winograd_convs = convert_winograd(model)
         if atrous:  # after folding (it builds new convs): dilated convs skip the padding-only taps
             from core.atrous import convert_atrous
             convert_atrous(model)

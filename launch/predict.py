@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", action="store_true", help="also write image | colour mask | overlay side by side")
     p.add_argument("--opacity", type=float, default=0.5, help="weight of the palette in the overlay")
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep BatchNorm layers (default: folded)")
+    p.add_argument("--no-winograd", dest="winograd", action="store_false",
+                   help="direct 3x3 convolutions in fp32 (default on the CPU: Winograd F(4x4,3x3), core/winograd.py)")
     return p
 
 
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
         tile = args.tile or defaults["tile"]
         segmenter = Segmenter(ckpt, device=args.device, opt_level=args.opt_level, amp_dtype=args.amp_dtype,
                               mode=mode, scale=scale, tile=tile, stride=args.stride or defaults["stride"],
-                              fuse=args.fuse)
+                              fuse=args.fuse, winograd=args.winograd)
         writer = PredictionWriter(args.out, ckpt.colours(), ckpt.settings["num_classes"], show=args.show,
                                   opacity=args.opacity)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:  # RuntimeError: device
@@ -90,7 +92,8 @@ def main(argv=None) -> int:
         where = f"tiles {tile[0]}x{tile[1]}, stride {segmenter.stride[0]}x{segmenter.stride[1]}"
     size = "kept" if scale is None else f"{scale[0]}x{scale[1]} (WxH, keep ratio)"
     print(f"{len(items)} images, {where}, scale {size}, batch {args.batch_size}, {args.opt_level}, "
-          f"BN {'folded' if args.fuse else 'kept'}, {segmenter.device.torch_device}, {torch.get_num_threads()} threads "
+          f"BN {'folded' if args.fuse else 'kept'}, {segmenter.winograd_convs} Winograd convs, "
+          f"{segmenter.device.torch_device}, {torch.get_num_threads()} threads "
           f"-> {args.out}/{{{','.join(writer.kinds())}}}", flush=True)
     summary = predict_files(segmenter, items, writer, args.batch_size, ProgressMeter(len(items)))
     print(f"wrote {summary['images']} images in {summary['seconds']:.1f} s ({summary['images_per_s']:.2f} img/s) "

@@ -1,0 +1,131 @@
+"""Winograd F(4x4, 3x3) inference convolution (core/winograd.py) against torch's F.conv2d in
+float64, which is the independent reference here. Inputs come from the shared `rng` fixture."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.model import build_model
+from core.winograd import WinogradConv2d, convert_winograd, transform_weight, winograd_conv2d
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def randn(rng, *shape):
+    return torch.from_numpy(rng.standard_normal(shape)).float()
+
+
+def relative_error(y, ref):
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+# sizes where the 4x4 tiles fit exactly, leave a remainder, or are larger than the map, and
+# dilations whose phase grids are uneven (17 rows, dilation 3: phases of 6, 6 and 5 rows)
+@pytest.mark.parametrize("n,c,o,h,w,d", [
+    (1, 7, 5, 9, 13, 1), (2, 16, 8, 8, 8, 1), (1, 3, 2, 1, 1, 1), (2, 5, 6, 17, 10, 2),
+    (1, 4, 3, 7, 30, 4), (1, 8, 8, 3, 3, 4), (1, 2, 3, 17, 9, 3), (3, 1, 1, 5, 2, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matches_the_direct_convolution(rng, n, c, o, h, w, d, channels_last):
+    x, weight, bias = randn(rng, n, c, h, w), randn(rng, o, c, 3, 3), randn(rng, o)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), 1, d, d)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = winograd_conv2d(x, transform_weight(weight), bias, d)
+    assert y.shape == ref.shape
+    assert relative_error(y, ref) < 2e-5
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_edge_values(rng):
+    # zeros give exact zeros; a constant map and a one-hot kernel give shifted copies of x exactly
+    weight = torch.zeros(2, 3, 3, 3)
+    assert torch.count_nonzero(winograd_conv2d(torch.zeros(1, 3, 10, 11), transform_weight(weight))) == 0
+    x = randn(rng, 1, 3, 10, 11)
+    weight[0, 1, 1, 1] = 1.0  # output 0 = input channel 1
+    weight[1, 2, 0, 0] = 1.0  # output 1 = input channel 2 shifted down-right by one, zero-filled
+    y = winograd_conv2d(x, transform_weight(weight))
+    torch.testing.assert_close(y[0, 0], x[0, 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(y[0, 1, 1:, 1:], x[0, 2, :-1, :-1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(y[0, 1, 0], torch.zeros(11), atol=1e-5, rtol=0)
+    big = x * 1e4  # scale passes through: relative error as at unit scale
+    w = randn(rng, 4, 3, 3, 3)
+    ref = F.conv2d(big.double(), w.double(), None, 1, 1, 1)
+    assert relative_error(winograd_conv2d(big, transform_weight(w)), ref) < 2e-5
+
+
+def test_bad_inputs_name_what_was_expected():
+    u = transform_weight(torch.zeros(4, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"x must be \[N, C, H, W\]"):
+        winograd_conv2d(torch.zeros(3, 5, 5), u)
+    with pytest.raises(ValueError, match=r"u must be \[36, 2, O\]"):
+        winograd_conv2d(torch.zeros(1, 2, 5, 5), u)
+    with pytest.raises(ValueError, match="dilation must be an int >= 1"):
+        winograd_conv2d(torch.zeros(1, 3, 5, 5), u, dilation=0)
+    with pytest.raises(TypeError, match="must be float32"):
+        winograd_conv2d(torch.zeros(1, 3, 5, 5, dtype=torch.float64), u)
+    with pytest.raises(ValueError, match=r"weight must be \[O, C, 3, 3\]"):
+        transform_weight(torch.zeros(4, 3, 5, 5))
+
+
+def test_model_conversion_keeps_outputs_keys_and_training(rng):
+    torch.manual_seed(int(rng.integers(1 << 31)))
+    model = build_model(num_classes=5, backbone="r18", base_channels=32, output_stride=8).eval()
+    plain = copy.deepcopy(model)
+    converted = convert_winograd(model, min_channels=64)
+    eligible = [m for m in plain.modules() if WinogradConv2d.eligible(m) and min(m.in_channels, m.out_channels) >= 64]
+    assert converted == len(eligible) > 0
+    assert all(type(m) is WinogradConv2d for m in model.modules() if WinogradConv2d.eligible(m)
+               and min(m.in_channels, m.out_channels) >= 64)
+    assert all(m.dilation[0] <= 4 for m in model.modules() if type(m) is WinogradConv2d)  # ASPP's 12/24/36 left
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    x = randn(rng, 1, 3, 64, 96)
+    with torch.no_grad():
+        ref, y = plain.double()(x.double()), model(x)
+    for key in ref:
+        assert relative_error(y[key], ref[key]) < 1e-4, key
+    # with gradients (training) the plain conv runs: the same gradients as the unconverted model
+    model.train(), plain.float().train()
+    for m in (model, plain):
+        torch.manual_seed(0)  # the same dropout masks
+        m(x)["out"].sum().backward()
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_weight_changes_and_low_precision_fall_back_correctly(rng):
+    conv = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+    convert_winograd(conv, min_channels=1)
+    assert type(conv) is WinogradConv2d
+    x = randn(rng, 1, 8, 9, 7)
+    with torch.no_grad():
+        conv.weight.mul_(-3.0)  # in place after conversion: the transformed weight is rebuilt
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, 1, 2, 2), rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the direct conv in bf16
+            assert conv(x).dtype == torch.bfloat16
+        conv.to(torch.bfloat16)
+        got = conv(x.bfloat16())
+        torch.testing.assert_close(got, F.conv2d(x.bfloat16(), conv.weight, conv.bias, 1, 2, 2))
+
+
+def test_predictions_use_it_in_fp32_only_and_agree(rng, tmp_path):
+    from core.inference import Segmenter
+    from core.mmseg_io import read_checkpoint
+    from inference_data import ARCH, save_project_checkpoint
+    arch = {**ARCH, "base_channels": 32, "output_stride": 8}  # layer3/4 and the head reach 128+ channels
+    torch.manual_seed(int(rng.integers(1 << 31)))
+    model = build_model(**arch).eval()
+    ckpt = read_checkpoint(save_project_checkpoint(model, str(tmp_path / "wide.pt"), **arch))
+    images = [rng.integers(0, 256, (72, 100, 3), dtype="uint8") for _ in range(2)]
+    fast, direct = Segmenter(ckpt, scale=None), Segmenter(ckpt, scale=None, winograd=False)
+    assert fast.winograd_convs > 0 and direct.winograd_convs == 0
+    for a, b in zip(fast.predict(images), direct.predict(images)):
+        assert (a == b).mean() > 0.999  # float rounding may flip a near-tie
+    assert Segmenter(ckpt, scale=None, opt_level="O2", amp_dtype="bfloat16").winograd_convs == 0
