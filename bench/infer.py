@@ -8,9 +8,11 @@ Each variant runs in a fresh process: the model (launch/assembly.build_model fro
 random weights: speed does not depend on them) in eval mode, aux head dropped, under
 torch.no_grad, timed over --steps forwards of one --crop image after --warmup (median).
 Variants: the eager fp32 NCHW model with unfused BN and whole dilated convolutions (baseline);
-BN folded into the convs; + channels_last; + padding-aware atrous convolutions; + Winograd
-F(4x4, 3x3) for the fp32 3x3 convs of dilation <= 4 (core/winograd.py); + torch.compile;
-bf16 (weights cast, as O3) where the CPU has bf16 kernels; and all together (best).
+BN folded into the convs; + channels_last; + padding-aware atrous convolutions; + torch.compile;
+fp32-best: folded + channels_last + atrous + Winograd F(4x4, 3x3) for the 3x3 convs of dilation
+<= 4 (core/winograd.py; launch/predict.py's fp32 default; eager, see there why not compiled);
+bf16 (weights cast, as O3) where the CPU has bf16 kernels; best: bf16 + folded + channels_last +
+atrous + compiled (Winograd stays out of bf16: core/winograd.py).
 
 Argmax agreement: the same variants of a model trained on the synthetic set (a random model's
 logits are near ties, so agreement on it would mean nothing): --checkpoint, or else the demo
@@ -39,9 +41,9 @@ VARIANTS = {  # name: (fold BN, channels_last, atrous, winograd, compile, bf16)
     "folded": (True, False, False, False, False, False),
     "folded+channels_last": (True, True, False, False, False, False),
     "folded+cl+atrous": (True, True, True, False, False, False),
-    # launch/predict.py's fp32 default
-    "folded+cl+atrous+winograd": (True, True, True, True, False, False),
-    "fp32-best": (True, True, True, True, True, False),
+    "folded+cl+atrous+compile": (True, True, True, False, True, False),
+    # launch/predict.py's fp32 default; not compiled (core/winograd.py: a compiled model keeps the direct conv)
+    "fp32-best": (True, True, True, True, False, False),
     "bf16": (True, True, False, False, False, True),
     # Winograd stays out of bf16: its transforms amplify bf16 rounding (core/winograd.py)
     "best": (True, True, True, False, True, True),
@@ -84,10 +86,8 @@ def prepare(model, name: str):
         return model
     import torch._inductor.config as inductor_config
     # Inference only: freezing folds the weights into the graph as constants, so inductor can use
-    # oneDNN's prepacked weight layouts (4.42 s against 4.67 s per R50-D8 image here, fp32). Not
-    # with Winograd: its convs run eagerly between compiled graphs, and torch 2.13 with freezing
-    # and those graph breaks gave wrong logits (17% argmax agreement) with ATen at AVX2.
-    inductor_config.freezing = not winograd
+    # oneDNN's prepacked weight layouts (4.42 s against 4.67 s per R50-D8 image here, fp32).
+    inductor_config.freezing = True
     return torch.compile(model, dynamic=False)
 
 

@@ -14,7 +14,10 @@ Numerics: exact in exact arithmetic; in float32 the error against oneDNN's direc
 1e-6 relative (tests/test_winograd.py). The transforms amplify rounding: with bfloat16 GEMM
 inputs the relative error is ~3% against ~0.2% for a direct bf16 conv, so a bf16 call runs the
 direct conv instead (see WinogradConv2d.forward). Inference only: a call that needs gradients
-runs the plain conv, and so does a call under autocast (the conv then runs in the low dtype).
+runs the plain conv, and so does a call under autocast (the conv then runs in the low dtype) and
+one traced by torch.compile: under torch 2.13 inductor, a model whose Winograd convs ran eagerly
+between compiled graphs gave wrong logits (freezing, ATen at AVX2) or a glibc "double free or
+corruption" abort (no freezing, AVX-512), so a compiled model keeps the library's conv.
 Only on the CPU so far: cuDNN and CANN choose their own Winograd kernels.
 """
 from __future__ import annotations
@@ -43,10 +46,6 @@ def transform_weight(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(36, weight.shape[0], weight.shape[1]).transpose(1, 2).contiguous().float()
 
 
-# Eager even inside torch.compile: under torch 2.13 inductor, the strided tile view of the padded
-# input read wrong memory (a compiled model gave garbage or "double free or corruption"): inductor
-# may lay out an intermediate differently from eager, which an as_strided view cannot follow.
-@torch.compiler.disable
 def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor] = None,
                     dilation: int = 1) -> torch.Tensor:
     """F.conv2d(x, w, bias, 1, dilation, dilation) with u = transform_weight(w). x is
@@ -113,7 +112,8 @@ class WinogradConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.ndim != 4 or x.dtype != torch.float32 or self.weight.dtype != torch.float32
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                or x.device.type == "meta" or torch.is_autocast_enabled(x.device.type)):
+                or x.device.type == "meta" or torch.is_autocast_enabled(x.device.type)
+                or torch.compiler.is_compiling()):
             return super().forward(x)
         if self.winograd_weight.device != self.weight.device or self._winograd_version != self.weight._version:
             self.refresh()

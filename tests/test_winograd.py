@@ -129,3 +129,21 @@ def test_predictions_use_it_in_fp32_only_and_agree(rng, tmp_path):
     for a, b in zip(fast.predict(images), direct.predict(images)):
         assert (a == b).mean() > 0.999  # float rounding may flip a near-tie
     assert Segmenter(ckpt, scale=None, opt_level="O2", amp_dtype="bfloat16").winograd_convs == 0
+
+
+def test_a_compiled_model_traces_the_direct_conv(rng):
+    # torch.compile keeps the library's conv (core/winograd.py says why); dynamo's eager backend
+    # traces exactly what inductor would be given, without inductor's compile time
+    conv = nn.Conv2d(8, 6, 3, padding=1)
+    convert_winograd(conv, min_channels=1)
+    x = randn(rng, 2, 8, 11, 9)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        y = torch.compile(conv, backend=backend, dynamic=False)(x)
+    torch.testing.assert_close(y, F.conv2d(x, conv.weight, conv.bias, 1, 1, 1))
+    assert len(graphs) == 1 and "conv2d" in graphs[0].code and "bmm" not in graphs[0].code
