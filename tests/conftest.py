@@ -34,6 +34,18 @@ def cpp_backend():
     kernels.use_reference(previous)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors: with two OpenMP threads on two shared,
+    busy cores every parallel region waits for a descheduled thread (a 20 ms step took 0.1-5 s
+    here). Modules take it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def own_cache_dir(tmp_path_factory):
     """Every test module starts with an empty cache directory of its own (the synthetic sets and

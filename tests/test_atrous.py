@@ -16,14 +16,7 @@ from core.atrous import PaddingAwareConv2d, atrous_conv2d, convert_atrous
 from core.model import build_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tensors are tiny; with 2 threads on a CPU shared with other jobs every OpenMP region
-    # waits for a descheduled thread (a 20 ms step took 0.1-5 s here). One thread keeps the file fast.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randn(rng, *shape, dtype=torch.float32):

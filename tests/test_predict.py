@@ -23,15 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # The machine is shared: one intra-op thread avoids spin-waiting on a busy second core.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory, one_thread):
     root = make_dataset(str(tmp_path_factory.mktemp("cityscapes")))
     ckpt = save_project_checkpoint(fitted_model(root), str(tmp_path_factory.mktemp("ckpt") / "iter_1.pt"))

@@ -22,14 +22,7 @@ from profiling.report import bar_chart_png, stacked_bar_chart_png
 TINY = functools.partial(build_model, "r18", 8, 19, base_channels=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as the trainer's tests run: two OpenMP threads on two busy shared cores
-    spin-wait for each other (a tiny step then takes seconds instead of milliseconds)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_steps(model, x, target, steps=2):

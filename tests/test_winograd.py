@@ -11,12 +11,7 @@ from core.model import build_model
 from core.winograd import WinogradConv2d, convert_winograd, transform_weight, winograd_conv2d
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randn(rng, *shape):
