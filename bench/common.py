@@ -40,7 +40,11 @@ def tensor_peak_mib(fn) -> float:
         return float("nan")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    try:
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    except AttributeError:  # a torch whose profiler results lack the event tree
+        return float("nan")
+    peak = 0
     while stack:
         event = stack.pop()
         if event.tag == _EventType.Allocation:
