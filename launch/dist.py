@@ -13,6 +13,7 @@ How a process learns its rank, in order:
 """
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -94,6 +95,10 @@ def init_process_group(env: DistEnv, backend: str, timeout_s: float) -> None:
 
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
+        # DDP's reducer holds the process group; if a reference cycle keeps it alive, the gloo group
+        # would be destroyed during interpreter shutdown instead, where a rank once aborted with
+        # "terminate called without an active exception" after finishing its work. Free it now.
+        gc.collect()
         dist.destroy_process_group()
 
 
