@@ -15,6 +15,7 @@ from core.backbone import Bottleneck
 from core.blocks import ConvBNAct, PoolBatchNorm2d, count_batchnorms
 from core.norm import NORMS, Activation, BatchNormAct2d, bn_act_train
 from core.sync_bn import convert_sync_batchnorm
+from launch.dist import destroy
 from scripts import free_port
 
 torch.set_num_threads(2)
@@ -328,7 +329,7 @@ def _rank_main(rank, world, port, seed, out_path):
         grads["ddp"] = _train_tiny(convert_sync_batchnorm(net), images, rank, world)
         torch.save(grads, f"{out_path}.{rank}")
     finally:
-        dist.destroy_process_group()
+        destroy()  # the trainer's teardown: garbage first, then the group (launch/dist.py says why)
 
 
 def test_sync_bn_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path):

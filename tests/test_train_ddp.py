@@ -15,6 +15,7 @@ from core.losses import seg_loss
 from core.optim import PolyLR, build_sgd
 from core.atrous_plan import count_skipped_macs
 from core.sync_bn import CpuSyncBatchNorm, convert_sync_batchnorm
+from launch.dist import destroy
 from scripts import free_port
 
 STEPS = 10
@@ -66,7 +67,7 @@ def _rank_main(rank, world, port, out_path):
             torch.save({"losses": losses, "running_mean": bn.running_mean.clone(),
                         "weight": model.decode_head.conv_seg.weight.detach().clone()}, out_path)
     finally:
-        dist.destroy_process_group()
+        destroy()  # the trainer's teardown: garbage first, then the group (launch/dist.py says why)
 
 
 def test_two_gloo_ranks_match_one_process_with_double_batch(tmp_path):
