@@ -250,6 +250,14 @@ def _run(algorithm: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return y.contiguous(memory_format=torch.channels_last if cl_out else torch.contiguous_format)
 
 
+def same_padded_3x3(m: nn.Module) -> bool:
+    """An nn.Conv2d computing F.conv2d(x, w, b, stride=1, padding=d, dilation=d) with a 3x3 kernel:
+    the convolutions core/atrous.py and core/winograd.py can take over."""
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1)
+            and m.groups == 1 and m.padding_mode == "zeros" and m.dilation[0] == m.dilation[1]
+            and m.padding == m.dilation)
+
+
 class PaddingAwareConv2d(nn.Conv2d):
     """nn.Conv2d (3x3, stride 1, padding == dilation > 1, groups 1) whose forward picks, per input
     shape, one of ALGORITHMS: "plain" (F.conv2d on the tensors as given, i.e. disabled), "nchw" /
@@ -263,9 +271,7 @@ class PaddingAwareConv2d(nn.Conv2d):
 
     @staticmethod
     def eligible(m: nn.Module) -> bool:
-        return (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1)
-                and m.groups == 1 and m.padding_mode == "zeros" and m.dilation[0] == m.dilation[1]
-                and m.dilation[0] > 1 and m.padding == m.dilation)
+        return same_padded_3x3(m) and m.dilation[0] > 1
 
     def choose(self, x: torch.Tensor) -> str:
         training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.atrous import _is_channels_last, _to_format, same_padded_3x3
+
 _BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
 _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
@@ -88,9 +90,7 @@ def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tenso
     y = y[:, :h, :w]
     if bias is not None:
         y = y + bias
-    y = y.permute(0, 3, 1, 2)
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return _to_format(y.permute(0, 3, 1, 2), _is_channels_last(x))
 
 
 class WinogradConv2d(nn.Conv2d):
@@ -101,9 +101,7 @@ class WinogradConv2d(nn.Conv2d):
 
     @staticmethod
     def eligible(m: nn.Module) -> bool:
-        return (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1)
-                and m.groups == 1 and m.padding_mode == "zeros" and m.dilation[0] == m.dilation[1]
-                and 1 <= m.dilation[0] <= MAX_DILATION and m.padding == m.dilation)
+        return same_padded_3x3(m) and m.dilation[0] <= MAX_DILATION
 
     def refresh(self) -> None:
         self.register_buffer("winograd_weight", transform_weight(self.weight), persistent=False)
