@@ -66,19 +66,13 @@ def prepare(model, name: str):
     """The variant's inference model (in place): fold, memory format, atrous, bf16, compile."""
     import torch
 
-    from core.atrous import convert_atrous, revert_atrous
-    from core.blocks import fuse_for_inference
-    from core.winograd import convert_winograd
+    from core.atrous import revert_atrous
+    from core.inference import convert_for_inference
     fold, cl, atrous, winograd, compile_, bf16 = VARIANTS[name]
     model.auxiliary_head = None
     revert_atrous(model)  # folding rebuilds convs; the padding-aware ones are made afterwards
     model.eval()
-    if fold:
-        fuse_for_inference(model)
-    if winograd:  # before the atrous conversion, which then takes only the large dilations
-        convert_winograd(model)
-    if atrous:
-        convert_atrous(model)
+    convert_for_inference(model, fold, winograd, atrous)
     model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
     if bf16:
         model.to(torch.bfloat16)

@@ -87,6 +87,22 @@ def inference_defaults(ckpt: LoadedCheckpoint) -> Dict[str, Any]:
             "tile": _pair(test_cfg.get("crop_size")), "stride": _pair(test_cfg.get("stride"))}
 
 
+def convert_for_inference(model: torch.nn.Module, fuse: bool, winograd: bool, atrous: bool) -> int:
+    """The inference conversions, in the order they need (in place); returns the number of Winograd
+    convs. Folding builds new convs, so it comes first; Winograd (fp32 3x3 convs of dilation <= 4)
+    before the padding-aware conversion, which then takes only the ASPP's large dilations."""
+    if fuse:
+        fuse_for_inference(model)  # fold every BN into its conv: fewer ops, same outputs
+    count = 0
+    if winograd:
+        from core.winograd import convert_winograd
+        count = convert_winograd(model)
+    if atrous:  # dilated convs skip the padding-only taps
+        from core.atrous import convert_atrous
+        convert_atrous(model)
+    return count
+
+
 class Segmenter:
     """A checkpoint's model ready for inference: aux head dropped, BN folded, eval mode,
     channels_last, cast or autocast for the opt level."""
@@ -113,18 +129,9 @@ class Segmenter:
         self.resize = ValTransform(tuple(scale) if scale else None)
         self.num_classes = ckpt.settings["num_classes"]
         model = build_from_checkpoint(ckpt, aux_head=False)
-        if fuse:
-            fuse_for_inference(model)  # fold every BN into its conv: fewer ops, same outputs
-        # fp32 3x3 convs by Winograd F(4x4, 3x3) on the CPU (core/winograd.py; error ~1e-6 relative,
-        # the bf16 levels keep the direct conv); after folding, before the atrous conversion, which
-        # then takes only the ASPP's large dilations
-        self.winograd_convs = 0
-        if winograd and self.device.type == "cpu" and self.amp.level.name == "O0":
-            from core.winograd import convert_winograd
-            self.winograd_convs = convert_winograd(model)
-        if atrous:  # after folding (it builds new convs): dilated convs skip the padding-only taps
-            from core.atrous import convert_atrous
-            convert_atrous(model)
+        # Winograd in fp32 on the CPU only: the bf16 levels keep the direct conv (core/winograd.py)
+        fp32_cpu = self.device.type == "cpu" and self.amp.compute_dtype == torch.float32
+        self.winograd_convs = convert_for_inference(model, fuse, winograd and fp32_cpu, atrous)
         model.eval()
         model.to(self.device.torch_device,
                  memory_format=torch.channels_last if channels_last else torch.preserve_format)
