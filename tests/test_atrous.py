@@ -254,14 +254,26 @@ def test_converted_model_matches_unconverted_float64(rng, algorithm, train):
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9 * r.abs().max().item())
 
 
+def _smooth(module):
+    """The same model with SiLU for every ReLU, so its gradients are continuous in rounding."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(module, name, nn.SiLU())
+        else:
+            _smooth(child)
+    return module
+
+
 @pytest.mark.parametrize("algorithm", ["taps", None])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_converted_model_float32_is_as_accurate_as_unconverted(rng, algorithm, train):
-    # fp32 through ~20 layers incl. batch-statistics BN on tiny random maps is ill-conditioned: the
-    # plain fp32 model is 7e-5 to 8e-2 (of a tensor's largest value) away from its own float64
-    # evaluation depending on the seed, so the converted fp32 model is held to that reference:
-    # no further from it than 2x the plain model's error + 2e-4 (worst seen over 16 seeds: 1.7x).
-    ref = _tiny_model(int(rng.integers(1 << 31))).train(train)
+    # Held to the model's own float64 evaluation: no further from it than 2x the plain fp32 model's
+    # error + 5e-5 (over 53 seeds the plain model was 1.5e-6 to 3.5e-4 away; the converted one
+    # reached at most 0.8 of this bound). ReLU is swapped for SiLU because a ReLU whose input is within rounding of 0
+    # flips its mask in one fp32 evaluation and not in the other, which moves a weight gradient by
+    # a whole upstream gradient value (seed 974028956: an ASPP output of 7.7e-7 flipped with "taps",
+    # 6.4e-3 error at the stem); that is a property of ReLU, not of the order of summation.
+    ref = _smooth(_tiny_model(int(rng.integers(1 << 31)))).train(train)
     mine = copy.deepcopy(ref)
     convert_atrous(mine, algorithm=algorithm)
     x = randn(rng, *MODEL_INPUT).to(memory_format=torch.channels_last)
@@ -271,7 +283,7 @@ def test_converted_model_float32_is_as_accurate_as_unconverted(rng, algorithm, t
         return max(((g.double() - t).abs().max() / t.abs().max()).item()
                    for g, t in zip(results, truth) if t is not None)
     plain, converted = error(_outputs_and_grads(ref, x)), error(_outputs_and_grads(mine, x))
-    assert converted <= 2 * plain + 2e-4, (converted, plain)
+    assert converted <= 2 * plain + 5e-5, (converted, plain)
 
 
 def test_repeated_forward_and_backward_are_bit_identical(rng):
