@@ -89,8 +89,9 @@ def inference_defaults(ckpt: LoadedCheckpoint) -> Dict[str, Any]:
 
 def convert_for_inference(model: torch.nn.Module, fuse: bool, winograd: bool, atrous: bool) -> int:
     """The inference conversions, in the order they need (in place); returns the number of Winograd
-    convs. Folding builds new convs, so it comes first; Winograd (fp32 3x3 convs of dilation <= 4)
-    before the padding-aware conversion, which then takes only the ASPP's large dilations."""
+    convs. Folding builds new convs, so it comes first; Winograd (fp32 3x3 convs of 128+ channels,
+    run where they pay off for the map at hand, core/winograd.py) before the padding-aware
+    conversion, which then takes the dilated convs Winograd left."""
     if fuse:
         fuse_for_inference(model)  # fold every BN into its conv: fewer ops, same outputs
     count = 0

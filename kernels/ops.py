@@ -12,11 +12,12 @@ import torch
 
 from . import reference as _ref
 from . import reference_bn as _bn
+from . import reference_winograd as _wino
 from . import reference_enabled
 
 __all__ = ["backend", "resize_crop", "label_histogram", "photometric", "normalize", "label_lookup",
            "confusion_matrix", "fill_polygons", "bn_act_stats", "bn_act_forward", "bn_act_backward_reduce",
-           "bn_act_backward"]
+           "bn_act_backward", "winograd_input", "winograd_output"]
 
 _BUILD_HINT = ("the C++ extension kernels._C is not built. Build it with `pip install -e .` (or "
                "`python setup.py build_ext --inplace`) in the repository root, or set "
@@ -212,3 +213,36 @@ def bn_act_backward(src: torch.Tensor, dy: torch.Tensor, mean: torch.Tensor, inv
         _np(bias, "bias"), _np(mean_g, "mean_g"), _np(mean_g_xhat, "mean_g_xhat"), slope, src_is_output,
         _np_opt(residual, "residual"), _np_opt(out, "out"), _ref.check_num_threads(num_threads))
     return out if out is not None else torch.from_numpy(result)
+
+
+# ---- Winograd F(4x4, 3x3) transforms (core/winograd.py): float32 NHWC CPU tensors ---------------
+# Tiles of tile rows [row0, row0 + rows) of every phase grid of a dilation-D 3x3 conv, numbered
+# t = (((n * D + p) * D + q) * rows + ta - row0) * TW + tb (kernels/csrc/winograd.cpp).
+
+def winograd_input(x: torch.Tensor, dilation: int, row0: int, rows: int, out: torch.Tensor | None = None,
+                   num_threads: int | None = None) -> torch.Tensor:
+    """v [36, T, C]: B^T d B of every 6x6 input tile d of x [N, H, W, C] (zero outside the image)."""
+    if reference_enabled():
+        return _wino.winograd_input(x, dilation, row0, rows, out, num_threads)
+    _wino.check_tensor(x, "x", 4)
+    _wino.check_chunk(x.shape[1], x.shape[2], dilation, row0, rows)
+    if out is not None:
+        _wino.check_tensor(out, "out", 3)
+    result = _lib().winograd_input(x.detach().numpy(), dilation, row0, rows,
+                                   None if out is None else out.detach().numpy(), _ref.check_num_threads(num_threads))
+    return out if out is not None else torch.from_numpy(result)
+
+
+def winograd_output(m: torch.Tensor, bias: torch.Tensor | None, dilation: int, row0: int, rows: int,
+                    out: torch.Tensor, num_threads: int | None = None) -> torch.Tensor:
+    """Writes A^T m_t A (+ bias [O]) of every tile of m [36, T, O] into out [N, H, W, O] (in-image pixels)."""
+    if reference_enabled():
+        return _wino.winograd_output(m, bias, dilation, row0, rows, out, num_threads)
+    _wino.check_tensor(out, "out", 4)
+    _wino.check_chunk(out.shape[1], out.shape[2], dilation, row0, rows)
+    _wino.check_tensor(m, "m", 3)
+    if bias is not None:
+        _wino.check_tensor(bias, "bias", 1)
+    _lib().winograd_output(m.detach().numpy(), None if bias is None else bias.detach().numpy(), dilation, row0,
+                           rows, out.detach().numpy(), _ref.check_num_threads(num_threads))
+    return out

@@ -53,4 +53,11 @@ py::array bn_act_backward(const py::object& src, const py::object& dy, const py:
 
 std::string bn_act_force_baseline(bool force);
 
+// winograd.cpp: the data transforms of core/winograd.py's F(4x4, 3x3) conv on NHWC float32.
+py::array winograd_input(const py::object& x, int64_t dilation, int64_t row0, int64_t rows, const py::object& out,
+                         int num_threads);
+
+py::array winograd_output(const py::object& m, const py::object& bias, int64_t dilation, int64_t row0, int64_t rows,
+                          const py::object& out, int num_threads);
+
 }  // namespace kernels

@@ -87,6 +87,20 @@ PYBIND11_MODULE(_C, m) {
           "Testing hook: force (True) or stop forcing (False) the baseline (non-AVX2) bn_act loops;\n"
           "returns the loops now in use, 'avx2' or 'baseline' (identical results either way).");
 
+    m.def("winograd_input", &kernels::winograd_input, "x"_a, "dilation"_a, "row0"_a, "rows"_a,
+          "out"_a = py::none(), "num_threads"_a = 1,
+          "Winograd F(4x4, 3x3) input transform of float32 NHWC x [N, H, W, C] for a dilation-D 3x3 conv\n"
+          "(padding D): v [36, T, C] with v[6a + b, t] = (B^T d B)[a, b] for the 6x6 input tile d of tile t\n"
+          "(pixels outside the image read 0). Tiles: tile rows [row0, row0 + rows) of every phase grid,\n"
+          "t = (((n * D + p) * D + q) * rows + ta - row0) * TW + tb, TW = ceil(ceil(W / D) / 4).\n"
+          "out: optional float32 [36, T, C] not overlapping x. Returns out. Parallel over tiles.");
+
+    m.def("winograd_output", &kernels::winograd_output, "m"_a, "bias"_a, "dilation"_a, "row0"_a, "rows"_a,
+          "out"_a, "num_threads"_a = 1,
+          "Winograd F(4x4, 3x3) output transform: writes A^T m_t A (+ bias, float32 [O] or None) for every\n"
+          "tile t of float32 m [36, T, O] (tiles numbered as in winograd_input) into the pixels of float32\n"
+          "NHWC out [N, H, W, O] that lie in the image. Returns out. Parallel over tiles.");
+
     m.def("hsv_implementation", &kernels::hsv_implementation,
           "'avx2' or 'scalar': the HSV conversion code photometric uses on this CPU (identical results).");
     m.def("_force_scalar_hsv", &kernels::hsv_force_scalar, "force"_a,

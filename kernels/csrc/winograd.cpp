@@ -1,0 +1,276 @@
+// winograd: the two data transforms of core/winograd.py's F(4x4, 3x3) convolution on NHWC
+// float32 data, fused so that each is one pass over memory (the torch version gathers tiles with
+// a copy, then applies B^T . B or A^T . A as separate matrix products, each a full pass over a
+// tensor 2-5x the feature map's size: a third of a Winograd layer's time at 512x1024).
+//
+//   winograd_input:  x [N, H, W, C] -> v [36, T, C], v[6a + b, t] = (B^T d_t B)[a, b]
+//   winograd_output: m [36, T, O]   -> y [N, H, W, O], the 4x4 tile A^T m_t A (+ bias) of tile t
+//
+// Tile t of a chunk of tile rows [row0, row0 + rows) is ((((n * D + p) * D + q) * rows + ta - row0)
+// * TW + tb): tile (ta, tb) of phase grid (p, q), the grid of pixels (p + D i, q + D j) that a
+// dilation-D conv treats as an ordinary 3x3 conv. Its 6x6 input tile reads pixel
+// (p + D (4 ta + i - 1), q + D (4 tb + j - 1)); outside the image it reads 0 (the conv's zero
+// padding), so no padded copy is made. Output pixels outside the image are not written.
+// TH = ceil(ceil(H / D) / 4), TW likewise: whole tiles over the largest phase grid.
+//
+// Transform matrices: Lavin & Gray, CVPR 2016 (points 0, +-1, +-2, infinity), the same as
+// core/winograd.py's _BT and _AT. Parallel over tiles; each output element is written by one
+// tile, so the result does not depend on the thread count.
+#include <cstring>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace kernels {
+namespace {
+
+constexpr int64_t kBlock = 64;  // channels per pass: 36 x 64 floats of scratch stay in L1
+
+#define WINO_INLINE inline __attribute__((always_inline))
+
+// out[a] = (B^T in)[a] over `n` channels, in[i] pointing at n floats each. The restrict copies
+// let the compiler vectorise without run-time alias checks (no output overlaps an input).
+WINO_INLINE void bt6(const float* const in[6], float* const out[6], int64_t n) {
+    const float *__restrict__ i0 = in[0], *__restrict__ i1 = in[1], *__restrict__ i2 = in[2],
+                *__restrict__ i3 = in[3], *__restrict__ i4 = in[4], *__restrict__ i5 = in[5];
+    float *__restrict__ o0 = out[0], *__restrict__ o1 = out[1], *__restrict__ o2 = out[2], *__restrict__ o3 = out[3],
+          *__restrict__ o4 = out[4], *__restrict__ o5 = out[5];
+    for (int64_t c = 0; c < n; ++c) {
+        const float d0 = i0[c], d1 = i1[c], d2 = i2[c], d3 = i3[c], d4 = i4[c], d5 = i5[c];
+        o0[c] = 4.f * d0 - 5.f * d2 + d4;
+        o1[c] = -4.f * (d1 + d2) + (d3 + d4);
+        o2[c] = 4.f * (d1 - d2) + (d4 - d3);
+        o3[c] = 2.f * (d3 - d1) + (d4 - d2);
+        o4[c] = 2.f * (d1 - d3) + (d4 - d2);
+        o5[c] = 4.f * d1 - 5.f * d3 + d5;
+    }
+}
+
+// out[a] = (A^T in)[a], a < 4.
+WINO_INLINE void at4(const float* const in[6], float* const out[4], int64_t n) {
+    const float *__restrict__ i0 = in[0], *__restrict__ i1 = in[1], *__restrict__ i2 = in[2],
+                *__restrict__ i3 = in[3], *__restrict__ i4 = in[4], *__restrict__ i5 = in[5];
+    float *__restrict__ o0 = out[0], *__restrict__ o1 = out[1], *__restrict__ o2 = out[2], *__restrict__ o3 = out[3];
+    for (int64_t c = 0; c < n; ++c) {
+        const float m0 = i0[c], m1 = i1[c], m2 = i2[c], m3 = i3[c], m4 = i4[c], m5 = i5[c];
+        const float s12 = m1 + m2, d12 = m1 - m2, s34 = m3 + m4, d34 = m3 - m4;
+        o0[c] = m0 + s12 + s34;
+        o1[c] = d12 + 2.f * d34;
+        o2[c] = s12 + 4.f * s34;
+        o3[c] = d12 + 8.f * d34 + m5;
+    }
+}
+
+struct Geometry {
+    int64_t n, h, w, c, d, th, tw, row0, rows, tiles;
+    // tile index -> (image, phase row, phase col, tile row, tile col)
+    void locate(int64_t t, int64_t* img, int64_t* p, int64_t* q, int64_t* ta, int64_t* tb) const {
+        *tb = t % tw;
+        t /= tw;
+        *ta = row0 + t % rows;
+        t /= rows;
+        *q = t % d;
+        t /= d;
+        *p = t % d;
+        *img = t / d;
+    }
+};
+
+WINO_INLINE void input_tiles(const Geometry& g, const float* x, float* v, int64_t t0, int64_t t1) {
+    alignas(64) static const float zeros[kBlock] = {};
+    alignas(64) float rows_t[36][kBlock];  // B^T d, [a][j]
+    for (int64_t t = t0; t < t1; ++t) {
+        int64_t img, p, q, ta, tb;
+        g.locate(t, &img, &p, &q, &ta, &tb);
+        const float* px[6][6];
+        for (int i = 0; i < 6; ++i) {
+            const int64_t y = p + g.d * (4 * ta + i - 1);
+            for (int j = 0; j < 6; ++j) {
+                const int64_t xx = q + g.d * (4 * tb + j - 1);
+                px[i][j] = (y >= 0 && y < g.h && xx >= 0 && xx < g.w) ? x + ((img * g.h + y) * g.w + xx) * g.c
+                                                                       : nullptr;
+            }
+        }
+        for (int64_t c0 = 0; c0 < g.c; c0 += kBlock) {
+            const int64_t nc = std::min(kBlock, g.c - c0);
+            for (int j = 0; j < 6; ++j) {  // columns of d: B^T over its rows i
+                const float* in[6];
+                for (int i = 0; i < 6; ++i) in[i] = px[i][j] ? px[i][j] + c0 : zeros;
+                float* const out[6] = {rows_t[j], rows_t[6 + j], rows_t[12 + j], rows_t[18 + j], rows_t[24 + j],
+                                       rows_t[30 + j]};  // rows_t[6a + j]
+                bt6(in, out, nc);
+            }
+            for (int a = 0; a < 6; ++a) {  // rows of B^T d: times B over j
+                const float* in[6];
+                for (int j = 0; j < 6; ++j) in[j] = rows_t[6 * a + j];
+                float* out[6];
+                for (int b = 0; b < 6; ++b) out[b] = v + ((6 * a + b) * g.tiles + t) * g.c + c0;
+                bt6(in, out, nc);
+            }
+        }
+    }
+}
+
+WINO_INLINE void output_tiles(const Geometry& g, const float* m, const float* bias, float* y, int64_t t0,
+                              int64_t t1) {
+    const int64_t o = g.c;
+    alignas(64) float cols_t[24][kBlock];  // A^T M, [a][b]
+    alignas(64) float res[4][kBlock];
+    for (int64_t t = t0; t < t1; ++t) {
+        int64_t img, p, q, ta, tb;
+        g.locate(t, &img, &p, &q, &ta, &tb);
+        for (int64_t o0 = 0; o0 < o; o0 += kBlock) {
+            const int64_t no = std::min(kBlock, o - o0);
+            for (int b = 0; b < 6; ++b) {  // columns of M: A^T over its rows
+                const float* in[6];
+                for (int i = 0; i < 6; ++i) in[i] = m + ((6 * i + b) * g.tiles + t) * o + o0;
+                float* const out[4] = {cols_t[b], cols_t[6 + b], cols_t[12 + b], cols_t[18 + b]};
+                at4(in, out, no);
+            }
+            for (int a = 0; a < 4; ++a) {  // rows of A^T M: times A over b
+                const int64_t yy = p + g.d * (4 * ta + a);
+                if (yy >= g.h) break;
+                const float* in[6];
+                for (int b = 0; b < 6; ++b) in[b] = cols_t[6 * a + b];
+                float* const out[4] = {res[0], res[1], res[2], res[3]};
+                at4(in, out, no);
+                for (int jj = 0; jj < 4; ++jj) {
+                    const int64_t xx = q + g.d * (4 * tb + jj);
+                    if (xx >= g.w) break;
+                    float* __restrict__ dst = y + ((img * g.h + yy) * g.w + xx) * o + o0;
+                    const float* __restrict__ src = res[jj];
+                    if (bias) {
+                        const float* __restrict__ bb = bias + o0;
+                        for (int64_t c = 0; c < no; ++c) dst[c] = src[c] + bb[c];
+                    } else {
+                        std::memcpy(dst, src, sizeof(float) * no);
+                    }
+                }
+            }
+        }
+    }
+}
+
+void input_baseline(const Geometry& g, const float* x, float* v, int64_t t0, int64_t t1) {
+    input_tiles(g, x, v, t0, t1);
+}
+void output_baseline(const Geometry& g, const float* m, const float* b, float* y, int64_t t0, int64_t t1) {
+    output_tiles(g, m, b, y, t0, t1);
+}
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(KERNELS_NO_SIMD)
+#define WINO_AVX2 1
+// AVX2 only, not AVX-512: the transforms are bound by memory, not arithmetic. FP contraction is
+// off (common.h, ISO C++), so both copies round identically.
+__attribute__((target("avx2,fma"))) void input_avx2(const Geometry& g, const float* x, float* v, int64_t t0,
+                                                    int64_t t1) {
+    input_tiles(g, x, v, t0, t1);
+}
+__attribute__((target("avx2,fma"))) void output_avx2(const Geometry& g, const float* m, const float* b, float* y,
+                                                     int64_t t0, int64_t t1) {
+    output_tiles(g, m, b, y, t0, t1);
+}
+#endif
+
+bool use_avx2() {
+#ifdef WINO_AVX2
+    static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return has;
+#else
+    return false;
+#endif
+}
+
+py::array float_array(const py::object& obj, const char* name, int ndim) {
+    py::array a = as_array(obj, name);
+    if (!has_dtype<float>(a)) throw py::type_error(std::string(name) + " must have dtype float32, got " + dtype_str(a));
+    require_contiguous(a, name);
+    require_ndim(a, name, ndim, ndim);
+    return a;
+}
+
+// The geometry of a chunk, checked: dilation >= 1, 0 <= row0 < row0 + rows <= TH.
+Geometry geometry(int64_t n, int64_t h, int64_t w, int64_t c, int64_t dilation, int64_t row0, int64_t rows) {
+    if (dilation < 1) throw py::value_error("dilation must be >= 1, got " + std::to_string(dilation));
+    if (h < 1 || w < 1) throw py::value_error("the feature map must be at least 1x1");
+    Geometry g{};
+    g.n = n, g.h = h, g.w = w, g.c = c, g.d = dilation;
+    g.th = ((h + dilation - 1) / dilation + 3) / 4;
+    g.tw = ((w + dilation - 1) / dilation + 3) / 4;
+    if (row0 < 0 || rows < 1 || row0 + rows > g.th)
+        throw py::value_error("tile rows [row0, row0 + rows) = [" + std::to_string(row0) + ", " +
+                              std::to_string(row0 + rows) + ") must lie within [0, " + std::to_string(g.th) +
+                              ") for a " + std::to_string(h) + "x" + std::to_string(w) + " map at dilation " +
+                              std::to_string(dilation));
+    g.row0 = row0, g.rows = rows;
+    g.tiles = n * dilation * dilation * rows * g.tw;
+    return g;
+}
+
+int64_t min_tiles(int64_t channels) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, channels)); }
+
+}  // namespace
+
+py::array winograd_input(const py::object& x_obj, int64_t dilation, int64_t row0, int64_t rows,
+                         const py::object& out_obj, int num_threads) {
+    require_threads(num_threads);
+    py::array x = float_array(x_obj, "x", 4);
+    const Geometry g = geometry(x.shape(0), x.shape(1), x.shape(2), x.shape(3), dilation, row0, rows);
+    const std::vector<py::ssize_t> shape{36, static_cast<py::ssize_t>(g.tiles), static_cast<py::ssize_t>(g.c)};
+    py::array out;
+    if (out_obj.is_none()) {
+        out = py::array_t<float>(shape);
+    } else {
+        out = float_array(out_obj, "out", 3);
+        require_writeable(out, "out");
+        require_shape(out, "out", shape);
+        if (overlaps(out, x)) throw py::value_error("out must not overlap x");
+    }
+    const float* src = static_cast<const float*>(x.data());
+    float* dst = static_cast<float*>(out.mutable_data());
+    {
+        py::gil_scoped_release release;
+        const bool avx2 = use_avx2();
+        parallel_for(g.tiles, num_threads, min_tiles(g.c), [&](int64_t t0, int64_t t1) {
+#ifdef WINO_AVX2
+            if (avx2) return input_avx2(g, src, dst, t0, t1);
+#endif
+            (void)avx2;
+            input_baseline(g, src, dst, t0, t1);
+        });
+    }
+    return out;
+}
+
+py::array winograd_output(const py::object& m_obj, const py::object& bias_obj, int64_t dilation, int64_t row0,
+                          int64_t rows, const py::object& out_obj, int num_threads) {
+    require_threads(num_threads);
+    py::array m = float_array(m_obj, "m", 3);
+    py::array out = float_array(out_obj, "out", 4);
+    require_writeable(out, "out");
+    const Geometry g = geometry(out.shape(0), out.shape(1), out.shape(2), out.shape(3), dilation, row0, rows);
+    require_shape(m, "m", {36, static_cast<py::ssize_t>(g.tiles), static_cast<py::ssize_t>(g.c)});
+    if (overlaps(out, m)) throw py::value_error("out must not overlap m");
+    const float* b = nullptr;
+    py::array bias;
+    if (!bias_obj.is_none()) {
+        bias = float_array(bias_obj, "bias", 1);
+        require_shape(bias, "bias", {static_cast<py::ssize_t>(g.c)});
+        b = static_cast<const float*>(bias.data());
+    }
+    const float* src = static_cast<const float*>(m.data());
+    float* dst = static_cast<float*>(out.mutable_data());
+    {
+        py::gil_scoped_release release;
+        const bool avx2 = use_avx2();
+        parallel_for(g.tiles, num_threads, min_tiles(g.c), [&](int64_t t0, int64_t t1) {
+#ifdef WINO_AVX2
+            if (avx2) return output_avx2(g, src, b, dst, t0, t1);
+#endif
+            (void)avx2;
+            output_baseline(g, src, b, dst, t0, t1);
+        });
+    }
+    return out;
+}
+
+}  // namespace kernels
