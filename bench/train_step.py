@@ -37,13 +37,14 @@ from launch.dist import cpu_threads  # noqa: E402
 
 BASE_DEFAULTS = ["--preset", "cityscapes", "--backbone", "r50", "--batch-size", "2", "--crop", "256x512",
                  "--workers", "1", "--no-tensorboard", "--no-evaluate", "--no-checkpoints"]
-PLAIN = ["--no-channels-last", "--no-compile", "--no-atrous", "--norm", "bn", "--opt-level", "O0"]
+PLAIN = ["--no-channels-last", "--no-compile", "--no-atrous", "--no-winograd", "--norm", "bn", "--opt-level", "O0"]
 BF16 = ["--opt-level", "O1", "--amp-dtype", "bfloat16"]
-FP32_BEST = ["--channels-last", "--atrous"]
+FP32_BEST = ["--channels-last", "--atrous", "--winograd"]
 VARIANTS = {  # name: (flags added to PLAIN, needs bf16 kernels)
     "baseline": ([], False),
     "channels_last": (["--channels-last"], False),
     "atrous": (["--atrous"], False),
+    "winograd": (["--winograd"], False),
     "compile": (["--compile"], False),
     # the fused kernel works on channels-last memory (NCHW takes its slower torch path)
     "inplace-abn": (["--norm", "inplace-abn-residual", "--channels-last"], False),

@@ -4,7 +4,7 @@ measurement on a busy machine could choose differently, and the algorithms diffe
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -30,13 +30,14 @@ def set_plan(model: nn.Module, plan: Dict[str, Dict[str, str]]) -> None:
 
 
 # ---- counting and measuring ------------------------------------------------------------------
-def conv_calls(model: nn.Module, input_shape) -> List[Tuple[str, nn.Conv2d, Tuple[int, ...]]]:
-    """(name, module, input shape) of every call of an eligible dilated conv in one forward of
-    `model` on an input of `input_shape`, run on the meta device (no compute; the model's own
-    parameters, buffers and BN statistics are not touched)."""
+def conv_calls(model: nn.Module, input_shape,
+               which: Callable[[nn.Module], bool] = PaddingAwareConv2d.eligible) -> List[Tuple[str, nn.Conv2d, Tuple[int, ...]]]:
+    """(name, module, input shape) of every call of a conv `which` selects (default: the eligible
+    dilated convs) in one forward of `model` on an input of `input_shape`, run on the meta device
+    (no compute; the model's own parameters, buffers and BN statistics are not touched)."""
     calls: List[Tuple[str, nn.Conv2d, Tuple[int, ...]]] = []
     hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: calls.append((name, mod, tuple(a[0].shape))))
-             for name, m in model.named_modules() if PaddingAwareConv2d.eligible(m)]
+             for name, m in model.named_modules() if which(m)]
     state = {k: torch.empty_like(v, device="meta")
              for k, v in list(model.named_parameters()) + list(model.named_buffers())}
     # In eval mode: the same dilated convs run on the same shapes, and no norm layer needs batch

@@ -61,13 +61,30 @@ def release_workspace() -> None:
     _workspace.__dict__.clear()
 
 
-def transform_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[O, C, 3, 3] -> U [36, C, O] float32 (G g G^T per (o, c), computed in float64)."""
+def transform_weight(weight: torch.Tensor, exact: bool = True, flip: bool = False,
+                     scratch: bool = False) -> torch.Tensor:
+    """[O, C, 3, 3] -> U [36, C, O] float32 with U[6a + b] = G g G^T per (o, c): one matrix product
+    kron(G, G) [36, 9] @ weight [9, O * C], whose [36, O, C] result U is a transposed view of
+    (MKL's batched GEMM reads it as it is). exact: in float64 (inference: computed once), else in
+    float32 (training: at every step). flip: the weight of the input-gradient conv instead, the
+    kernel flipped with its channels swapped, weight.transpose(0, 1).flip(2, 3) -> [36, O, C]:
+    the same product with kron(G, G)'s columns reversed. scratch (float32 only): the result lives
+    in this thread's reused buffer, valid until the next scratch transform (training's per-call
+    transforms: a fresh 190 MB tensor would be page-faulted in at every step)."""
     if weight.ndim != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"weight must be [O, C, 3, 3], got shape {tuple(weight.shape)}")
-    g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
-    u = torch.einsum("ai,ocij,bj->aboc", g, weight.detach().double(), g)
-    return u.reshape(36, weight.shape[0], weight.shape[1]).transpose(1, 2).contiguous().float()
+    o, c = weight.shape[:2]
+    dtype = torch.float64 if exact else torch.float32
+    g = torch.tensor(_G, dtype=dtype, device=weight.device)
+    kron = torch.einsum("ai,bj->abij", g, g).reshape(36, 9)
+    if flip:
+        kron = kron.flip(1)
+    w = weight.detach().to(dtype).contiguous().view(o * c, 9)  # (a channels_last weight is copied here)
+    if scratch and not exact:
+        u = torch.mm(kron, w.T, out=_buffer("u", (36, o * c))).view(36, o, c)
+    else:
+        u = (kron @ w.T).view(36, o, c).float()
+    return u if flip else u.transpose(1, 2)
 
 
 def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -87,19 +104,42 @@ def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tenso
         raise ValueError(f"x must be a CPU tensor (the transforms are kernels/csrc/winograd.cpp), got {x.device}")
     n, c, h, w = x.shape
     o, d = u.shape[2], dilation
-    th, tw = tile_grid(h, w, d)
     xh = x.permute(0, 2, 3, 1).contiguous()  # NHWC: a view, no copy, for a channels_last x
     y = x.new_empty(n, h, w, o)
-    # Rows of tiles in chunks: the transformed input of a whole map is 36/16 x 2.25 = 5x the
-    # map's size (~190 MB for the ASPP bottleneck at 512x1024), a chunk at most _CHUNK elements.
-    rows = max(1, min(th, _CHUNK // (36 * c * n * d * d * tw)))
-    for row0 in range(0, th, rows):
-        k = min(rows, th - row0)
-        tiles = n * d * d * k * tw
+    for row0, k, tiles in _chunks(n, max(c, o), h, w, d):
         v = ops.winograd_input(xh, d, row0, k, _buffer("v", (36, tiles, c)))
         m = torch.bmm(v, u, out=_buffer("m", (36, tiles, o)))  # [36, tiles, O]: where the time goes
         ops.winograd_output(m, bias, d, row0, k, y)
     return _to_format(y.permute(0, 3, 1, 2), _is_channels_last(x))
+
+
+def _chunks(n: int, channels: int, h: int, w: int, d: int):
+    """(row0, rows, tiles) of each chunk of tile rows. The transformed input of a whole map is
+    36/16 x 2.25 = 5x the map's size (~190 MB for the ASPP bottleneck at 512x1024): a chunk
+    holds at most _CHUNK elements of it."""
+    th, tw = tile_grid(h, w, d)
+    rows = max(1, min(th, _CHUNK // (36 * channels * n * d * d * tw)))
+    for row0 in range(0, th, rows):
+        k = min(rows, th - row0)
+        yield row0, k, n * d * d * k * tw
+
+
+def winograd_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, dilation: int) -> torch.Tensor:
+    """The weight gradient [O, C, 3, 3] of winograd_conv2d(x, ., dilation) for the output gradient
+    grad_y, in the Winograd domain: dU[k] = sum over tiles of (A dY A^T)[k]^T (B^T X B)[k], a
+    batched GEMM with a quarter of the direct products, then dW = G^T dU G (the adjoint of
+    transform_weight, again one [OC, 36] @ [36, 9] product)."""
+    n, c, h, w = x.shape
+    o, d = grad_y.shape[1], dilation
+    xh = x.permute(0, 2, 3, 1).contiguous()
+    gh = grad_y.permute(0, 2, 3, 1).contiguous()
+    du = _buffer("du", (36, o, c)).zero_()
+    for row0, k, tiles in _chunks(n, max(c, o), h, w, d):
+        v = ops.winograd_input(xh, d, row0, k, _buffer("v", (36, tiles, c)))
+        g = ops.winograd_output_grad(gh, d, row0, k, _buffer("m", (36, tiles, o)))
+        du.baddbmm_(g.transpose(1, 2), v)
+    kron = torch.einsum("ai,bj->abij", *(2 * [torch.tensor(_G, dtype=torch.float32)])).reshape(36, 9)
+    return (du.view(36, o * c).T @ kron).view(o, c, 3, 3)
 
 
 def winograd_gain(h: int, w: int, dilation: int) -> float:
@@ -113,38 +153,71 @@ def winograd_gain(h: int, w: int, dilation: int) -> float:
     return needed / (36 * dilation * dilation * th * tw)
 
 
+def _weight_format(weight: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if _is_channels_last(weight) else torch.contiguous_format
+
+
+class _WinogradConvFunction(torch.autograd.Function):
+    """Training, all three products by Winograd: the input gradient of a same-padded 3x3 conv is
+    the same-padded conv of dY with the kernel flipped and its channels swapped (one more
+    winograd_conv2d), the weight gradient is winograd_weight_grad. The transformed weights are
+    rebuilt at every call (the weights change at every step), in float32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dilation: int):
+        ctx.save_for_backward(x, weight)
+        ctx.dilation, ctx.has_bias = dilation, bias is not None
+        return winograd_conv2d(x, transform_weight(weight, exact=False, scratch=True), bias, dilation)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        d = ctx.dilation
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            flipped = transform_weight(weight, exact=False, flip=True, scratch=True)
+            grad_x = winograd_conv2d(grad_y, flipped, None, d)
+        if ctx.needs_input_grad[1]:
+            grad_w = winograd_weight_grad(x, grad_y, d).to(memory_format=_weight_format(weight))
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_y.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None
+
+
 class WinogradConv2d(nn.Conv2d):
-    """nn.Conv2d (3x3, stride 1, padding == dilation, groups 1) that runs winograd_conv2d for
-    float32 CPU calls without gradients where winograd_gain reaches MIN_GAIN, the plain conv
-    otherwise (a dilated one in channels_last, as core/atrous.py's inference choice does). The
-    transformed weight is a non-persistent buffer (state-dict keys unchanged; it follows .to()),
-    rebuilt when the weight changes in place (its version counter moves)."""
+    """nn.Conv2d (3x3, stride 1, padding == dilation, groups 1) that runs Winograd for float32 CPU
+    calls where winograd_gain reaches MIN_GAIN, and the plain conv otherwise (a dilated one in
+    channels_last, as core/atrous.py's inference choice does). Without gradients the transformed
+    weight is kept (a plain attribute: no state-dict key, no buffer for DDP to broadcast) and
+    rebuilt when the weight changes in place or moves; a call with gradients drops it and runs
+    _WinogradConvFunction."""
 
     @staticmethod
     def eligible(m: nn.Module) -> bool:
         return same_padded_3x3(m)
 
-    def refresh(self) -> None:
-        self.register_buffer("winograd_weight", transform_weight(self.weight), persistent=False)
-        self._winograd_version = self.weight._version
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.ndim != 4 or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 or x.device.type != "cpu" or torch.is_autocast_enabled(x.device.type)
                 or torch.compiler.is_compiling()):
             return super().forward(x)
         d = self.dilation[0]
         if winograd_gain(x.shape[2], x.shape[3], d) < MIN_GAIN:
             return super().forward(x) if d == 1 else _run("channels_last", x, self.weight, self.bias, d)
-        if self.winograd_weight.device != self.weight.device or self._winograd_version != self.weight._version:
-            self.refresh()
-        return winograd_conv2d(x, self.winograd_weight, self.bias, d)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                        or (self.bias is not None and self.bias.requires_grad)):
+            self.__dict__.pop("_winograd_u", None)  # training again: the kept transform is stale
+            return _WinogradConvFunction.apply(x, self.weight, self.bias, d)
+        key = (self.weight.device, self.weight._version, self.weight.data_ptr())
+        if self.__dict__.get("_winograd_key") != key:
+            self._winograd_u, self._winograd_key = transform_weight(self.weight), key
+        return winograd_conv2d(x, self._winograd_u, self.bias, d)
 
 
-def convert_winograd(model: nn.Module, min_channels: int = 128) -> int:
+def convert_winograd(model: nn.Module, min_channels: int = 128, max_dilation: Optional[int] = None) -> int:
     """Turn every eligible plain nn.Conv2d with at least `min_channels` input and output
-    channels into a WinogradConv2d, in place (same objects, parameters and state-dict keys).
+    channels (and dilation at most `max_dilation`, if given) into a WinogradConv2d, in place
+    (same objects, parameters and state-dict keys).
     Smaller convs are left alone: their transforms cost more than their GEMMs save (R50-D8 at
     512x1024 on the Zen 4 here, fp32, 2 threads, against oneDNN's channels_last conv: 32->32 at
     256x512 0.50x, 64->64 at 128x256 0.99x, 128->128 at 64x128 1.38x, 256->256 d2 1.87x, 512->512
@@ -153,8 +226,26 @@ def convert_winograd(model: nn.Module, min_channels: int = 128) -> int:
     count = 0
     for m in model.modules():
         if (type(m) is nn.Conv2d and WinogradConv2d.eligible(m)
-                and min(m.in_channels, m.out_channels) >= min_channels):
+                and min(m.in_channels, m.out_channels) >= min_channels
+                and (max_dilation is None or m.dilation[0] <= max_dilation)):
             m.__class__ = WinogradConv2d
-            m.refresh()
             count += 1
     return count
+
+
+def count_skipped_flops(model: nn.Module, input_shape, dtype: torch.dtype = torch.float32,
+                        device_type: str = "cpu") -> int:
+    """FLOPs of one training step that core.mfu's count (which sees direct convs) includes and
+    the WinogradConv2d calls do not compute: per call that runs Winograd, 3 products x 2 FLOPs x
+    (9 direct multiply-adds per output - 36 per 4x4 tile of every phase grid) x C x O. The
+    transforms are not counted (memory-bound, a few % of the GEMMs' time). Subtract it for a true MFU."""
+    if device_type != "cpu" or dtype != torch.float32:
+        return 0
+    from core.atrous_plan import conv_calls
+    skipped = 0
+    for _, m, (n, c, h, w) in conv_calls(model, input_shape, lambda m: type(m) is WinogradConv2d):
+        d = m.dilation[0]
+        if winograd_gain(h, w, d) >= MIN_GAIN:
+            th, tw = tile_grid(h, w, d)
+            skipped += 6 * c * m.out_channels * (n * h * w * 9 - 36 * n * d * d * th * tw)
+    return skipped

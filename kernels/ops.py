@@ -17,7 +17,8 @@ from . import reference_enabled
 
 __all__ = ["backend", "resize_crop", "label_histogram", "photometric", "normalize", "label_lookup",
            "confusion_matrix", "fill_polygons", "bn_act_stats", "bn_act_forward", "bn_act_backward_reduce",
-           "bn_act_backward", "winograd_input", "winograd_output"]
+           "bn_act_backward", "winograd_input", "winograd_output",
+           "winograd_output_grad"]
 
 _BUILD_HINT = ("the C++ extension kernels._C is not built. Build it with `pip install -e .` (or "
                "`python setup.py build_ext --inplace`) in the repository root, or set "
@@ -246,3 +247,18 @@ def winograd_output(m: torch.Tensor, bias: torch.Tensor | None, dilation: int, r
     _lib().winograd_output(m.detach().numpy(), None if bias is None else bias.detach().numpy(), dilation, row0,
                            rows, out.detach().numpy(), _ref.check_num_threads(num_threads))
     return out
+
+
+def winograd_output_grad(dy: torch.Tensor, dilation: int, row0: int, rows: int, out: torch.Tensor | None = None,
+                         num_threads: int | None = None) -> torch.Tensor:
+    """g [36, T, O]: A dy_t A^T of every 4x4 tile dy_t of dy [N, H, W, O] (the adjoint of winograd_output)."""
+    if reference_enabled():
+        return _wino.winograd_output_grad(dy, dilation, row0, rows, out, num_threads)
+    _wino.check_tensor(dy, "dy", 4)
+    _wino.check_chunk(dy.shape[1], dy.shape[2], dilation, row0, rows)
+    if out is not None:
+        _wino.check_tensor(out, "out", 3)
+    result = _lib().winograd_output_grad(dy.detach().numpy(), dilation, row0, rows,
+                                         None if out is None else out.detach().numpy(),
+                                         _ref.check_num_threads(num_threads))
+    return out if out is not None else torch.from_numpy(result)

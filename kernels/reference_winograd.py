@@ -101,3 +101,28 @@ def winograd_output(m: Tensor, bias: Optional[Tensor], dilation: int, row0: int,
         block = block + bias
     out[:, top:top + valid] = block[:, :valid, :w]
     return out
+
+
+def winograd_output_grad(dy: Tensor, dilation: int, row0: int, rows: int, out: Optional[Tensor] = None,
+                         num_threads: Optional[int] = None) -> Tensor:
+    """The adjoint of winograd_output without bias: g [36, T, O], g[6a + b, t] = (A dy_t A^T)[a, b]
+    for the 4x4 output tiles dy_t of dy [N, H, W, O] (pixels outside the image read 0)."""
+    check_num_threads(num_threads)
+    n, h, w, o = check_tensor(dy, "dy", 4).shape
+    d = dilation
+    th, tw = check_chunk(h, w, d, row0, rows)
+    top = 4 * d * row0
+    block = dy.new_zeros(n, 4 * d * rows, 4 * d * tw, o)
+    valid = min(h, top + 4 * d * rows) - top
+    block[:, :valid, :w] = dy[:, top:top + valid]
+    # pixel row p + d(4ta + i) = (ta, i, p) row-major: the tiles' view, [4, 4, n, d, d, rows, tw, o]
+    tiles = block.view(n, rows, 4, d, tw, 4, d, o).permute(2, 5, 0, 3, 6, 1, 4, 7)
+    a = torch.tensor(AT, dtype=dy.dtype).T  # [6, 4]
+    g = (a @ tiles.reshape(4, -1)).view(6, 4, -1)
+    g = torch.matmul(a, g).reshape(36, -1, o)
+    if out is None:
+        return g
+    check_tensor(out, "out", 3)
+    if tuple(out.shape) != tuple(g.shape):
+        raise ValueError(f"out must have shape {tuple(g.shape)}, got {tuple(out.shape)}")
+    return out.copy_(g)

@@ -143,7 +143,10 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
         torch.manual_seed(cfg.seed)
         model = build(backbone=cfg.backbone, output_stride=cfg.output_stride, num_classes=cfg.num_classes,
                       aux_head=True, pretrained=cfg.pretrained, base_channels=cfg.base_channels, norm=cfg.norm)
-    if cfg.atrous:  # same parameters and keys: checkpoints do not depend on it
+    if cfg.winograd:  # first: the padding-aware conversion then takes the dilations above 4
+        from core.winograd import convert_winograd
+        convert_winograd(model, max_dilation=4)
+    if cfg.atrous:  # same parameters and keys: checkpoints do not depend on either
         convert_atrous(model)
     return model
 
@@ -195,14 +198,19 @@ class Training:
         return count_train_step_flops(functools.partial(build_model, no_weights), self.batch_size, self.cfg.crop)
 
     def flops_skipped_per_step(self) -> int:
-        """FLOPs of flops_per_step() the padding-aware atrous convolutions do not compute (they
-        read only zero padding): subtract them for the FLOPs the step really performs."""
-        if not self.cfg.atrous:
-            return 0
+        """FLOPs of flops_per_step() not computed: by the padding-aware atrous convolutions (they
+        would read only zero padding) and by Winograd (fewer products for the same result).
+        Subtract them for the FLOPs the step really performs."""
         from core.atrous_plan import count_skipped_macs
+        from core.winograd import count_skipped_flops
         shape = (self.batch_size, 3, *self.cfg.crop)
-        return int(count_skipped_macs(self.model, shape, self.amp.compute_dtype, self.device.type)[
-            "train_step_flops_skipped"])
+        skipped = 0
+        if self.cfg.atrous:
+            skipped += int(count_skipped_macs(self.model, shape, self.amp.compute_dtype, self.device.type)[
+                "train_step_flops_skipped"])
+        if self.cfg.winograd:
+            skipped += count_skipped_flops(self.model, shape, self.amp.compute_dtype, self.device.type)
+        return skipped
 
     def restore(self, state: dict, log: Callable[[str], None]) -> int:
         """Continue from a checkpoint written by build_training's pieces; returns its iteration.

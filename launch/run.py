@@ -141,8 +141,9 @@ def _train(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str, stop: di
         plain_flops, skipped = training.flops_per_step(), training.flops_skipped_per_step()
         log.flops_per_step = plain_flops - skipped  # MFU counts the work really done
         if skipped:
-            log.info(f"the model's {plain_flops / 1e12:.3f} TFLOP/step include {skipped / 1e12:.3f} the padding-aware "
-                     f"atrous convolutions skip (they would multiply zero padding); MFU counts the rest")
+            log.info(f"the model's {plain_flops / 1e12:.3f} TFLOP/step (direct convolutions) include "
+                     f"{skipped / 1e12:.3f} that are not computed (padding-aware atrous convolutions skip zero "
+                     f"padding, Winograd needs fewer products); MFU counts the rest")
         log.peak_tflops = cfg.peak_tflops or measure_peak_tflops(
             device.torch_device, training.amp.compute_dtype, os.path.join(cache_root(cfg.cache_dir), PEAK_CACHE_NAME),
             force=cfg.measure_peak, log=log.info)

@@ -14,6 +14,7 @@ from torch import nn
 from core import atrous, atrous_plan
 from core.atrous import PaddingAwareConv2d, atrous_conv2d, convert_atrous
 from core.model import build_model
+from smooth_model import smooth
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -254,26 +255,13 @@ def test_converted_model_matches_unconverted_float64(rng, algorithm, train):
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9 * r.abs().max().item())
 
 
-def _smooth(module):
-    """The same model with SiLU for every ReLU, so its gradients are continuous in rounding."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.ReLU):
-            setattr(module, name, nn.SiLU())
-        else:
-            _smooth(child)
-    return module
-
-
 @pytest.mark.parametrize("algorithm", ["taps", None])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_converted_model_float32_is_as_accurate_as_unconverted(rng, algorithm, train):
     # Held to the model's own float64 evaluation: no further from it than 2x the plain fp32 model's
     # error + 5e-5 (over 53 seeds the plain model was 1.5e-6 to 3.5e-4 away; the converted one
-    # reached at most 0.8 of this bound). ReLU is swapped for SiLU because a ReLU whose input is within rounding of 0
-    # flips its mask in one fp32 evaluation and not in the other, which moves a weight gradient by
-    # a whole upstream gradient value (seed 974028956: an ASPP output of 7.7e-7 flipped with "taps",
-    # 6.4e-3 error at the stem); that is a property of ReLU, not of the order of summation.
-    ref = _smooth(_tiny_model(int(rng.integers(1 << 31)))).train(train)
+    # reached at most 0.8 of this bound), on the SiLU model of tests/smooth_model.py.
+    ref = smooth(_tiny_model(int(rng.integers(1 << 31)))).train(train)
     mine = copy.deepcopy(ref)
     convert_atrous(mine, algorithm=algorithm)
     x = randn(rng, *MODEL_INPUT).to(memory_format=torch.channels_last)

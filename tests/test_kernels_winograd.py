@@ -1,4 +1,4 @@
-"""The Winograd transforms (kernels/csrc/winograd.cpp) against their torch reference
+"""The Winograd transforms (kernels/csrc/winograd.cpp: input, output, output gradient) against their torch reference
 (kernels/reference_winograd.py) and against a float64 hand evaluation of Lavin & Gray's
 formulas tile by tile; chunks of tile rows, odd channel counts (across the C++ 64-channel
 blocks), dilations larger than the map, and argument errors on both backends."""
@@ -69,6 +69,25 @@ def _hand_output(m, bias, d, row0, rows, y):
     return y
 
 
+def _hand_output_grad(dy, d, row0, rows):
+    n, h, w, o = dy.shape
+    _, tw = _grid(h, w, d)
+    g = []
+    for img in range(n):
+        for p in range(d):
+            for q in range(d):
+                for ta in range(row0, row0 + rows):
+                    for tb in range(tw):
+                        tile = np.zeros((4, 4, o))
+                        for i in range(4):
+                            for j in range(4):
+                                yy, xx = p + d * (4 * ta + i), q + d * (4 * tb + j)
+                                if yy < h and xx < w:
+                                    tile[i, j] = dy[img, yy, xx]
+                        g.append(np.einsum("ia,ijo,jb->abo", AT, tile, AT).reshape(36, o))
+    return np.stack(g, axis=1)
+
+
 def _close(a, b):
     scale = max(1.0, float(np.abs(b).max()))
     return float(np.abs(np.asarray(a, np.float64) - b).max()) <= 2e-6 * scale
@@ -106,6 +125,24 @@ def test_output_transform_matches_hand_evaluation_and_reference(rng, n, h, w, c,
         _hand_output(m.astype(np.float64), 0.0 if bias is None else bias.astype(np.float64), d, row0, rows, want)
     assert not np.isnan(want).any() and not torch.isnan(y).any()
     assert _close(y, want) and _close(y_ref, want)
+
+
+@pytest.mark.parametrize("n,h,w,c,d", SHAPES)
+def test_output_gradient_transform_matches_hand_evaluation_reference_and_is_the_adjoint(rng, n, h, w, c, d):
+    dy = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    dyt = torch.from_numpy(dy)
+    th, tw = _grid(h, w, d)
+    for row0, rows in _chunks(th):
+        want = _hand_output_grad(dy.astype(np.float64), d, row0, rows)
+        got = ops.winograd_output_grad(dyt, d, row0, rows)
+        assert got.shape == want.shape and _close(got, want), (row0, rows)
+        assert _close(ref.winograd_output_grad(dyt, d, row0, rows), want)
+    # <winograd_output(m), dy> = <m, winograd_output_grad(dy)> over the whole map: the adjoint
+    m = rng.standard_normal((36, n * d * d * th * tw, c)).astype(np.float32)
+    y = ops.winograd_output(torch.from_numpy(m), None, d, 0, th, torch.zeros(n, h, w, c))
+    lhs = float((y.double() * dyt.double()).sum())
+    rhs = float((torch.from_numpy(m).double() * ops.winograd_output_grad(dyt, d, 0, th).double()).sum())
+    assert lhs == pytest.approx(rhs, rel=1e-5, abs=1e-3)
 
 
 def test_zeros_stay_exact_and_threads_do_not_change_results(rng):
@@ -146,5 +183,9 @@ def test_bad_arguments_name_what_was_expected(use_ref):
             ops.winograd_output(torch.zeros(36, 4, 4, dtype=torch.float64), None, 1, 0, 2, y)
         with pytest.raises(ValueError, match="num_threads must be >= 1"):
             ops.winograd_input(x, 1, 0, 1, num_threads=0)
+        with pytest.raises(TypeError, match="dy must have dtype float32"):
+            ops.winograd_output_grad(x.double(), 1, 0, 1)
+        with pytest.raises(ValueError, match=r"tile rows \[row0, row0 \+ rows\) = \[2, 3\)"):
+            ops.winograd_output_grad(x, 1, 2, 1)
     finally:
         kernels.use_reference(previous)

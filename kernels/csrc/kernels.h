@@ -57,6 +57,9 @@ std::string bn_act_force_baseline(bool force);
 py::array winograd_input(const py::object& x, int64_t dilation, int64_t row0, int64_t rows, const py::object& out,
                          int num_threads);
 
+py::array winograd_output_grad(const py::object& dy, int64_t dilation, int64_t row0, int64_t rows,
+                               const py::object& out, int num_threads);
+
 py::array winograd_output(const py::object& m, const py::object& bias, int64_t dilation, int64_t row0, int64_t rows,
                           const py::object& out, int num_threads);
 

@@ -101,6 +101,12 @@ PYBIND11_MODULE(_C, m) {
           "tile t of float32 m [36, T, O] (tiles numbered as in winograd_input) into the pixels of float32\n"
           "NHWC out [N, H, W, O] that lie in the image. Returns out. Parallel over tiles.");
 
+    m.def("winograd_output_grad", &kernels::winograd_output_grad, "dy"_a, "dilation"_a, "row0"_a, "rows"_a,
+          "out"_a = py::none(), "num_threads"_a = 1,
+          "The adjoint of winograd_output (no bias): g [36, T, O] with g[6a + b, t] = (A dy_t A^T)[a, b] for the\n"
+          "4x4 output tile dy_t of float32 NHWC dy [N, H, W, O] (pixels outside the image read 0), tiles\n"
+          "numbered as in winograd_input. out: optional float32 [36, T, O] not overlapping dy. Returns out.");
+
     m.def("hsv_implementation", &kernels::hsv_implementation,
           "'avx2' or 'scalar': the HSV conversion code photometric uses on this CPU (identical results).");
     m.def("_force_scalar_hsv", &kernels::hsv_force_scalar, "force"_a,
