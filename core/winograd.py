@@ -28,7 +28,6 @@ import threading
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from core.atrous import _is_channels_last, _run, _to_format, conv_macs, same_padded_3x3

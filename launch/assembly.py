@@ -208,7 +208,7 @@ class Training:
         if self.cfg.atrous:
             skipped += int(count_skipped_macs(self.model, shape, self.amp.compute_dtype, self.device.type)[
                 "train_step_flops_skipped"])
-        if self.cfg.winograd:
+        if self.cfg.winograd and not self.cfg.compile:  # a compiled graph keeps the direct conv
             skipped += count_skipped_flops(self.model, shape, self.amp.compute_dtype, self.device.type)
         return skipped
 
