@@ -68,9 +68,12 @@ def prepare(model, name: str):
 
     from core.atrous import revert_atrous
     from core.inference import convert_for_inference
+    from core.winograd import revert_winograd
     fold, cl, atrous, winograd, compile_, bf16 = VARIANTS[name]
     model.auxiliary_head = None
-    revert_atrous(model)  # folding rebuilds convs; the padding-aware ones are made afterwards
+    # the trainer's build_model converts for training; every variant starts from plain convs
+    # (folding rebuilds convs: the padding-aware and Winograd ones are made afterwards)
+    revert_atrous(model), revert_winograd(model)
     model.eval()
     convert_for_inference(model, fold, winograd, atrous)
     model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)

@@ -232,6 +232,15 @@ def convert_winograd(model: nn.Module, min_channels: int = 128, max_dilation: Op
     return count
 
 
+def revert_winograd(model: nn.Module) -> int:
+    """Undo convert_winograd (plain nn.Conv2d again, same objects). Returns the number reverted."""
+    converted = [m for m in model.modules() if type(m) is WinogradConv2d]
+    for m in converted:
+        m.__class__ = nn.Conv2d
+        m.__dict__.pop("_winograd_u", None), m.__dict__.pop("_winograd_key", None)
+    return len(converted)
+
+
 def count_skipped_flops(model: nn.Module, input_shape, dtype: torch.dtype = torch.float32,
                         device_type: str = "cpu") -> int:
     """FLOPs of one training step that core.mfu's count (which sees direct convs) includes and

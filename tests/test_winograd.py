@@ -10,7 +10,7 @@ from torch import nn
 from core.model import build_model
 from smooth_model import smooth
 from core.winograd import (MIN_GAIN, WinogradConv2d, convert_winograd, count_skipped_flops, transform_weight,
-                           winograd_conv2d, winograd_gain, winograd_weight_grad)
+                           revert_winograd, winograd_conv2d, winograd_gain, winograd_weight_grad)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,6 +87,8 @@ def test_model_conversion_keeps_outputs_keys_and_training(rng):
         ref, y = plain.double()(x.double()), model(x)
     for key in ref:
         assert relative_error(y[key], ref[key]) < 1e-4, key
+    assert revert_winograd(model) == converted and not any(type(m) is WinogradConv2d for m in model.modules())
+    assert model.state_dict().keys() == plain.state_dict().keys()
 def test_weight_changes_and_low_precision_fall_back_correctly(rng):
     conv = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
     convert_winograd(conv, min_channels=1)
