@@ -220,18 +220,24 @@ def bn_act_backward(src: torch.Tensor, dy: torch.Tensor, mean: torch.Tensor, inv
 # Tiles of tile rows [row0, row0 + rows) of every phase grid of a dilation-D 3x3 conv, numbered
 # t = (((n * D + p) * D + q) * rows + ta - row0) * TW + tb (kernels/csrc/winograd.cpp).
 
+def _winograd_tiles(op: str, src: torch.Tensor, name: str, dilation: int, row0: int, rows: int,
+                    out: torch.Tensor | None, num_threads: int | None) -> torch.Tensor:
+    """winograd_input / winograd_output_grad: [N, H, W, C] -> [36, T, C] by the C++ op `op`."""
+    _wino.check_tensor(src, name, 4)
+    _wino.check_chunk(src.shape[1], src.shape[2], dilation, row0, rows)
+    if out is not None:
+        _wino.check_tensor(out, "out", 3)
+    result = getattr(_lib(), op)(src.detach().numpy(), dilation, row0, rows,
+                                 None if out is None else out.detach().numpy(), _ref.check_num_threads(num_threads))
+    return out if out is not None else torch.from_numpy(result)
+
+
 def winograd_input(x: torch.Tensor, dilation: int, row0: int, rows: int, out: torch.Tensor | None = None,
                    num_threads: int | None = None) -> torch.Tensor:
     """v [36, T, C]: B^T d B of every 6x6 input tile d of x [N, H, W, C] (zero outside the image)."""
     if reference_enabled():
         return _wino.winograd_input(x, dilation, row0, rows, out, num_threads)
-    _wino.check_tensor(x, "x", 4)
-    _wino.check_chunk(x.shape[1], x.shape[2], dilation, row0, rows)
-    if out is not None:
-        _wino.check_tensor(out, "out", 3)
-    result = _lib().winograd_input(x.detach().numpy(), dilation, row0, rows,
-                                   None if out is None else out.detach().numpy(), _ref.check_num_threads(num_threads))
-    return out if out is not None else torch.from_numpy(result)
+    return _winograd_tiles("winograd_input", x, "x", dilation, row0, rows, out, num_threads)
 
 
 def winograd_output(m: torch.Tensor, bias: torch.Tensor | None, dilation: int, row0: int, rows: int,
@@ -254,11 +260,4 @@ def winograd_output_grad(dy: torch.Tensor, dilation: int, row0: int, rows: int, 
     """g [36, T, O]: A dy_t A^T of every 4x4 tile dy_t of dy [N, H, W, O] (the adjoint of winograd_output)."""
     if reference_enabled():
         return _wino.winograd_output_grad(dy, dilation, row0, rows, out, num_threads)
-    _wino.check_tensor(dy, "dy", 4)
-    _wino.check_chunk(dy.shape[1], dy.shape[2], dilation, row0, rows)
-    if out is not None:
-        _wino.check_tensor(out, "out", 3)
-    result = _lib().winograd_output_grad(dy.detach().numpy(), dilation, row0, rows,
-                                         None if out is None else out.detach().numpy(),
-                                         _ref.check_num_threads(num_threads))
-    return out if out is not None else torch.from_numpy(result)
+    return _winograd_tiles("winograd_output_grad", dy, "dy", dilation, row0, rows, out, num_threads)

@@ -52,6 +52,16 @@ def check_chunk(h: int, w: int, dilation, row0, rows) -> Tuple[int, int]:
     return th, tw
 
 
+def _into(out: Optional[Tensor], result: Tensor) -> Tensor:
+    """result, or the caller's out [36, T, C] holding it."""
+    if out is None:
+        return result
+    check_tensor(out, "out", 3)
+    if tuple(out.shape) != tuple(result.shape):
+        raise ValueError(f"out must have shape {tuple(result.shape)}, got {tuple(out.shape)}")
+    return out.copy_(result)
+
+
 def winograd_input(x: Tensor, dilation: int, row0: int, rows: int, out: Optional[Tensor] = None,
                    num_threads: Optional[int] = None) -> Tensor:
     """v [36, T, C], v[6a + b, t] = (B^T d_t B)[a, b] for the 6x6 input tiles d_t of tile rows
@@ -68,13 +78,7 @@ def winograd_input(x: Tensor, dilation: int, row0: int, rows: int, out: Optional
                                                          4 * d * s_row, 4 * d * s_col, 1), 4 * d * row0 * s_row)
     bt = torch.tensor(BT, dtype=x.dtype)
     v = (bt @ tiles.reshape(6, -1)).view(6, 6, -1)
-    v = torch.matmul(bt, v).reshape(36, -1, c)
-    if out is None:
-        return v
-    check_tensor(out, "out", 3)
-    if tuple(out.shape) != tuple(v.shape):
-        raise ValueError(f"out must have shape {tuple(v.shape)}, got {tuple(out.shape)}")
-    return out.copy_(v)
+    return _into(out, torch.matmul(bt, v).reshape(36, -1, c))
 
 
 def winograd_output(m: Tensor, bias: Optional[Tensor], dilation: int, row0: int, rows: int, out: Tensor,
@@ -119,10 +123,4 @@ def winograd_output_grad(dy: Tensor, dilation: int, row0: int, rows: int, out: O
     tiles = block.view(n, rows, 4, d, tw, 4, d, o).permute(2, 5, 0, 3, 6, 1, 4, 7)
     a = torch.tensor(AT, dtype=dy.dtype).T  # [6, 4]
     g = (a @ tiles.reshape(4, -1)).view(6, 4, -1)
-    g = torch.matmul(a, g).reshape(36, -1, o)
-    if out is None:
-        return g
-    check_tensor(out, "out", 3)
-    if tuple(out.shape) != tuple(g.shape):
-        raise ValueError(f"out must have shape {tuple(g.shape)}, got {tuple(out.shape)}")
-    return out.copy_(g)
+    return _into(out, torch.matmul(a, g).reshape(36, -1, o))

@@ -31,61 +31,48 @@ def _chunks(th):
     return sorted({(0, th), (0, 1), (th - 1, 1)})
 
 
+def _tiles(n, h, w, d, row0, rows):
+    """(image, phase row, phase column, tile row, tile column) in the kernels' tile order."""
+    _, tw = _grid(h, w, d)
+    return [(img, p, q, ta, tb) for img in range(n) for p in range(d) for q in range(d)
+            for ta in range(row0, row0 + rows) for tb in range(tw)]
+
+
+def _gather(a, d, img, p, q, ta, tb, size, offset):
+    """The size x size tile of a [N, H, W, C] whose first pixel is (p + d(4ta + offset), q + d(4tb + offset)),
+    0 outside the image."""
+    _, h, w, c = a.shape
+    tile = np.zeros((size, size, c))
+    for i in range(size):
+        for j in range(size):
+            yy, xx = p + d * (4 * ta + i + offset), q + d * (4 * tb + j + offset)
+            if 0 <= yy < h and 0 <= xx < w:
+                tile[i, j] = a[img, yy, xx]
+    return tile
+
+
 def _hand_input(x, d, row0, rows):
     n, h, w, c = x.shape
-    _, tw = _grid(h, w, d)
-    v = []
-    for img in range(n):
-        for p in range(d):
-            for q in range(d):
-                for ta in range(row0, row0 + rows):
-                    for tb in range(tw):
-                        tile = np.zeros((6, 6, c))
-                        for i in range(6):
-                            for j in range(6):
-                                y, xx = p + d * (4 * ta + i - 1), q + d * (4 * tb + j - 1)
-                                if 0 <= y < h and 0 <= xx < w:
-                                    tile[i, j] = x[img, y, xx]
-                        v.append(np.einsum("ai,ijc,bj->abc", BT, tile, BT).reshape(36, c))
-    return np.stack(v, axis=1)
+    return np.stack([np.einsum("ai,ijc,bj->abc", BT, _gather(x, d, *t, size=6, offset=-1), BT).reshape(36, c)
+                     for t in _tiles(n, h, w, d, row0, rows)], axis=1)
 
 
 def _hand_output(m, bias, d, row0, rows, y):
     n, h, w, o = y.shape
-    _, tw = _grid(h, w, d)
-    t = 0
-    for img in range(n):
-        for p in range(d):
-            for q in range(d):
-                for ta in range(row0, row0 + rows):
-                    for tb in range(tw):
-                        z = np.einsum("ai,ijo,bj->abo", AT, m[:, t].reshape(6, 6, o), AT) + bias
-                        t += 1
-                        for i in range(4):
-                            for j in range(4):
-                                yy, xx = p + d * (4 * ta + i), q + d * (4 * tb + j)
-                                if yy < h and xx < w:
-                                    y[img, yy, xx] = z[i, j]
+    for t, (img, p, q, ta, tb) in enumerate(_tiles(n, h, w, d, row0, rows)):
+        z = np.einsum("ai,ijo,bj->abo", AT, m[:, t].reshape(6, 6, o), AT) + bias
+        for i in range(4):
+            for j in range(4):
+                yy, xx = p + d * (4 * ta + i), q + d * (4 * tb + j)
+                if yy < h and xx < w:
+                    y[img, yy, xx] = z[i, j]
     return y
 
 
 def _hand_output_grad(dy, d, row0, rows):
     n, h, w, o = dy.shape
-    _, tw = _grid(h, w, d)
-    g = []
-    for img in range(n):
-        for p in range(d):
-            for q in range(d):
-                for ta in range(row0, row0 + rows):
-                    for tb in range(tw):
-                        tile = np.zeros((4, 4, o))
-                        for i in range(4):
-                            for j in range(4):
-                                yy, xx = p + d * (4 * ta + i), q + d * (4 * tb + j)
-                                if yy < h and xx < w:
-                                    tile[i, j] = dy[img, yy, xx]
-                        g.append(np.einsum("ia,ijo,jb->abo", AT, tile, AT).reshape(36, o))
-    return np.stack(g, axis=1)
+    return np.stack([np.einsum("ia,ijo,jb->abo", AT, _gather(dy, d, *t, size=4, offset=0), AT).reshape(36, o)
+                     for t in _tiles(n, h, w, d, row0, rows)], axis=1)
 
 
 def _close(a, b):
