@@ -61,7 +61,7 @@ class TrainConfig:
                       "padding (core/atrous.py): the same result up to float rounding; each layer's algorithm is "
                       "a fixed rule of its shapes, so a resumed run computes exactly as the first")
     winograd: bool = _f(True, "run the 3x3 convolutions of 128+ channels and dilation <= 4 by Winograd F(4x4, 3x3) "
-                        "(core/winograd.py) on the CPU in float32, forward and input gradient, where the map "
+                        "(core/winograd.py) on the CPU in float32, forward and both gradients, where the map "
                         "makes it pay: the same result up to float rounding (a few times a direct conv's)")
     compile: bool = _f(False, "torch.compile the model (dynamic=False): every shape is static, so the train step "
                        "and the evaluation each compile once, at the first step / first evaluation")

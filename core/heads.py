@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from core.atrous import _is_channels_last
 from core.blocks import ConvBNAct, PoolBatchNorm2d, mean_over_valid
 from core.norm import NormSpec, norm_spec
 
@@ -33,7 +34,7 @@ class ImagePool(nn.Module):
     def forward(self, x: torch.Tensor, valid_hw: Optional[torch.Tensor] = None) -> torch.Tensor:
         pooled = mean_over_valid(x, valid_hw)
         feat = self._modules["1"](pooled).expand(-1, -1, x.shape[2], x.shape[3])
-        if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
+        if _is_channels_last(x):
             # torch.cat takes its output's memory format from this first branch, and a broadcast
             # view counts as NCHW: the ASPP's concat (and the bottleneck conv reading it) would then
             # run NCHW in a channels_last model (a 2560-channel copy, 100 ms at 512x1024 here).

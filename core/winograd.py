@@ -14,11 +14,13 @@ dilation only changes the strides with which tiles are read and written: one cod
 Numerics: exact in exact arithmetic; in float32 the error against oneDNN's direct conv is a few
 1e-6 relative (tests/test_winograd.py). The transforms amplify rounding: with bfloat16 GEMM
 inputs the relative error of a layer was 1.3-3% (points 0, +-1, +-2 and the best others tried)
-against 0.2-0.3% for a direct bf16 conv, so a bf16 call runs the direct conv instead (see WinogradConv2d.forward). Inference only: a call that needs gradients
-runs the plain conv, and so does a call under autocast (the conv then runs in the low dtype) and
-one traced by torch.compile: under torch 2.13 inductor, a model whose Winograd convs ran eagerly
-between compiled graphs gave wrong logits (freezing, ATen at AVX2) or a glibc "double free or
-corruption" abort (no freezing, AVX-512), so a compiled model keeps the library's conv.
+against 0.2-0.3% for a direct bf16 conv, so a bf16 call runs the direct conv instead (see
+WinogradConv2d.forward). A call that needs gradients runs _WinogradConvFunction (forward, input
+and weight gradient all in the Winograd domain). The direct conv runs under autocast (the conv
+then runs in the low dtype) and in a model traced by torch.compile: under torch 2.13 inductor, a
+model whose Winograd convs ran eagerly between compiled graphs gave wrong logits (freezing, ATen
+at AVX2) or a glibc "double free or corruption" abort (no freezing, AVX-512), so a compiled model
+keeps the library's conv.
 Only on the CPU so far: cuDNN and CANN choose their own Winograd kernels.
 """
 from __future__ import annotations
@@ -60,11 +62,17 @@ def release_workspace() -> None:
     _workspace.__dict__.clear()
 
 
+def _kron_g(dtype: torch.dtype, device) -> torch.Tensor:
+    """kron(G, G) as [36, 9]: row 6a + b, column 3i + j holds G[a, i] G[b, j]."""
+    g = torch.tensor(_G, dtype=dtype, device=device)
+    return torch.einsum("ai,bj->abij", g, g).reshape(36, 9)
+
+
 def transform_weight(weight: torch.Tensor, exact: bool = True, flip: bool = False,
                      scratch: bool = False) -> torch.Tensor:
     """[O, C, 3, 3] -> U [36, C, O] float32 with U[6a + b] = G g G^T per (o, c): one matrix product
-    kron(G, G) [36, 9] @ weight [9, O * C], whose [36, O, C] result U is a transposed view of
-    (MKL's batched GEMM reads it as it is). exact: in float64 (inference: computed once), else in
+    kron(G, G) [36, 9] @ weight [9, O * C], of which U is the transposed view [36, C, O] of the
+    [36, O, C] result (MKL's batched GEMM reads it as it is, no copy). exact: in float64 (inference: computed once), else in
     float32 (training: at every step). flip: the weight of the input-gradient conv instead, the
     kernel flipped with its channels swapped, weight.transpose(0, 1).flip(2, 3) -> [36, O, C]:
     the same product with kron(G, G)'s columns reversed. scratch (float32 only): the result lives
@@ -74,8 +82,7 @@ def transform_weight(weight: torch.Tensor, exact: bool = True, flip: bool = Fals
         raise ValueError(f"weight must be [O, C, 3, 3], got shape {tuple(weight.shape)}")
     o, c = weight.shape[:2]
     dtype = torch.float64 if exact else torch.float32
-    g = torch.tensor(_G, dtype=dtype, device=weight.device)
-    kron = torch.einsum("ai,bj->abij", g, g).reshape(36, 9)
+    kron = _kron_g(dtype, weight.device)
     if flip:
         kron = kron.flip(1)
     w = weight.detach().to(dtype).contiguous().view(o * c, 9)  # (a channels_last weight is copied here)
@@ -137,8 +144,7 @@ def winograd_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, dilation: int) -
         v = ops.winograd_input(xh, d, row0, k, _buffer("v", (36, tiles, c)))
         g = ops.winograd_output_grad(gh, d, row0, k, _buffer("m", (36, tiles, o)))
         du.baddbmm_(g.transpose(1, 2), v)
-    kron = torch.einsum("ai,bj->abij", *(2 * [torch.tensor(_G, dtype=torch.float32)])).reshape(36, 9)
-    return (du.view(36, o * c).T @ kron).view(o, c, 3, 3)
+    return (du.view(36, o * c).T @ _kron_g(torch.float32, du.device)).view(o, c, 3, 3)
 
 
 def winograd_gain(h: int, w: int, dilation: int) -> float:
