@@ -8,11 +8,14 @@ Each variant runs in a fresh process: the model (launch/assembly.build_model fro
 random weights: speed does not depend on them) in eval mode, aux head dropped, under
 torch.no_grad, timed over --steps forwards of one --crop image after --warmup (median).
 Variants: the eager fp32 NCHW model with unfused BN and whole dilated convolutions (baseline);
-BN folded into the convs; + channels_last; + padding-aware atrous convolutions; + torch.compile;
+BN folded into the convs (eagerly, the folded convs' ReLU and residual add run as oneDNN post-ops,
+core/fused_conv.py); + channels_last; + padding-aware atrous convolutions; + torch.compile;
 fp32-best: folded + channels_last + atrous + Winograd F(4x4, 3x3) for the 3x3 convs of dilation
 <= 4 (core/winograd.py; launch/predict.py's fp32 default; eager, see there why not compiled);
-bf16 (weights cast, as O3) where the CPU has bf16 kernels; best: bf16 + folded + channels_last +
-atrous + compiled (Winograd stays out of bf16: core/winograd.py).
+bf16 (weights cast, as O3) where the CPU has bf16 kernels; bf16+compile: bf16 + folded +
+channels_last + atrous, compiled with freezing; best: bf16 + folded + channels_last + atrous +
+Winograd F(2x2, 3x3) in bf16 where it pays (core/winograd_bf16.py; launch/predict.py's bf16
+default), eager.
 
 Argmax agreement: the same variants of a model trained on the synthetic set (a random model's
 logits are near ties, so agreement on it would mean nothing): --checkpoint, or else the demo
@@ -45,8 +48,9 @@ VARIANTS = {  # name: (fold BN, channels_last, atrous, winograd, compile, bf16)
     # launch/predict.py's fp32 default; not compiled (core/winograd.py: a compiled model keeps the direct conv)
     "fp32-best": (True, True, True, True, False, False),
     "bf16": (True, True, False, False, False, True),
-    # Winograd stays out of bf16: its transforms amplify bf16 rounding (core/winograd.py)
-    "best": (True, True, True, False, True, True),
+    "bf16+compile": (True, True, True, False, True, True),
+    # launch/predict.py's bf16 default; eager (a compiled model keeps the direct conv)
+    "best": (True, True, True, True, False, True),
 }
 
 

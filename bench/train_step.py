@@ -11,7 +11,7 @@ base; each variant then adds its flags to the plain baseline: eager, fp32 (O0), 
 BN + ReLU, dilated convolutions computed whole (--no-atrous).
 
 Columns: images/s; achieved TFLOP/s (the FLOPs the variant really computes: the plain count
-minus what the padding-aware convolutions skip); MFU against the matmul peak of the variant's
+minus what the padding-aware convolutions, the ASPP bottleneck's image-pool split and Winograd skip); MFU against the matmul peak of the variant's
 compute dtype measured at the start of this run; effective MFU (the plain model's FLOPs over
 the step time, above the real MFU when work is skipped); peak RSS of the process and the step's
 own memory (peak RSS minus the RSS before the first step); the step's tensor peak (one more,

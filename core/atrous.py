@@ -296,7 +296,9 @@ class PaddingAwareConv2d(nn.Conv2d):
 
 def convert_atrous(model: nn.Module, algorithm: Optional[str] = None) -> int:
     """Turn every eligible plain nn.Conv2d of `model` into a PaddingAwareConv2d, in place, and set
-    `algorithm` (None: plan / rule; "plain": disabled) on every converted conv, old or new.
+    `algorithm` (None: plan / rule; "plain": disabled) on every converted conv, old or new. An ASPP
+    head's bottleneck also stops convolving the image-pool branch's constant map (core.blocks.split_pool_conv;
+    off with "plain").
 
     The module object itself changes class, so names, Parameter objects (hence optimizer state,
     DDP buckets, hooks), requires_grad, device and dtype all stay; no weights are initialised, so
@@ -310,6 +312,8 @@ def convert_atrous(model: nn.Module, algorithm: Optional[str] = None) -> int:
             count += 1
         if isinstance(m, PaddingAwareConv2d):
             m.algorithm = algorithm
+        if hasattr(m, "split_pool"):  # core.heads.ASPPHead: its bottleneck skips the constant image-pool map
+            m.split_pool = algorithm != "plain"
     return count
 
 
@@ -319,4 +323,7 @@ def revert_atrous(model: nn.Module) -> int:
     for m in converted:
         m.__class__ = nn.Conv2d
         m.__dict__.pop("plan", None), m.__dict__.pop("algorithm", None)
+    for m in model.modules():
+        if hasattr(m, "split_pool"):
+            m.split_pool = False
     return len(converted)

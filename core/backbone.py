@@ -17,6 +17,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
+from core.fused_conv import conv_add_relu, conv_relu
 from core.norm import norm_spec
 
 DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
@@ -45,6 +46,19 @@ class _Block(nn.Module):
             return bn(out, identity)  # BN, + shortcut, leaky ReLU: one op that keeps only its output
         return self.relu(bn(out) + identity)
 
+    # conv -> BN -> act, and conv -> BN -> + shortcut -> act. Once BN is folded into the conv
+    # (core.blocks.fuse_for_inference: Identity in its place), the ReLU and the add become the
+    # conv's post-ops (core/fused_conv.py).
+    def _conv_act(self, conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if type(bn) is nn.Identity and not self.fused_act:
+            return conv_relu(conv, x)
+        return self._act(bn(conv(x)))
+
+    def _conv_add_act(self, conv: nn.Module, bn: nn.Module, x: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+        if type(bn) is nn.Identity and not self.fused_residual and not self.fused_act:
+            return conv_add_relu(conv, x, identity)
+        return self._add_act(bn, conv(x), identity)
+
 
 class BasicBlock(_Block):
     expansion = 1
@@ -64,8 +78,8 @@ class BasicBlock(_Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self._act(self.bn1(self.conv1(x)))
-        return self._add_act(self.bn2, self.conv2(out), identity)
+        out = self._conv_act(self.conv1, self.bn1, x)
+        return self._conv_add_act(self.conv2, self.bn2, out, identity)
 
 
 class Bottleneck(_Block):
@@ -87,9 +101,9 @@ class Bottleneck(_Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self._act(self.bn1(self.conv1(x)))
-        out = self._act(self.bn2(self.conv2(out)))
-        return self._add_act(self.bn3, self.conv3(out), identity)
+        out = self._conv_act(self.conv1, self.bn1, x)
+        out = self._conv_act(self.conv2, self.bn2, out)
+        return self._conv_add_act(self.conv3, self.bn3, out, identity)
 
 
 def _make_layer(block: type, inplanes: int, planes: int, blocks: int, stride: int, dilation: int,

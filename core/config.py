@@ -58,8 +58,10 @@ class TrainConfig:
                    ["bn", "inplace-abn", "inplace-abn-residual"])
     channels_last: bool = _f(True, "run the model in channels_last memory format")
     atrous: bool = _f(True, "compute the dilated 3x3 convolutions without the multiply-adds that read only zero "
-                      "padding (core/atrous.py): the same result up to float rounding; each layer's algorithm is "
-                      "a fixed rule of its shapes, so a resumed run computes exactly as the first")
+                      "padding (core/atrous.py), and the ASPP bottleneck without convolving the image-pool "
+                      "branch's constant map (core.blocks.split_pool_conv): the same result up to float rounding; "
+                      "each layer's algorithm is a fixed rule of its shapes, so a resumed run computes exactly as "
+                      "the first")
     winograd: bool = _f(True, "run the 3x3 convolutions of 128+ channels and dilation <= 4 by Winograd F(4x4, 3x3) "
                         "(core/winograd.py) on the CPU in float32, forward and both gradients, where the map "
                         "makes it pay: the same result up to float rounding (a few times a direct conv's)")

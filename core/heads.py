@@ -31,9 +31,12 @@ class ImagePool(nn.Module):
             norm = NormSpec("bn", PoolBatchNorm2d)
         self.add_module("1", ConvBNAct(in_channels, channels, 1, norm_layer=norm))
 
+    def pooled(self, x: torch.Tensor, valid_hw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The branch's features before the broadcast: [N, channels, 1, 1]."""
+        return self._modules["1"](mean_over_valid(x, valid_hw))
+
     def forward(self, x: torch.Tensor, valid_hw: Optional[torch.Tensor] = None) -> torch.Tensor:
-        pooled = mean_over_valid(x, valid_hw)
-        feat = self._modules["1"](pooled).expand(-1, -1, x.shape[2], x.shape[3])
+        feat = self.pooled(x, valid_hw).expand(-1, -1, x.shape[2], x.shape[3])
         if _is_channels_last(x):
             # torch.cat takes its output's memory format from this first branch, and a broadcast
             # view counts as NCHW: the ASPP's concat (and the bottleneck conv reading it) would then
@@ -56,11 +59,19 @@ class ASPPHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         _init_classifier(self.conv_seg)
+        # Set by core.atrous.convert_atrous (work that need not be done): the bottleneck then convolves
+        # only the other branches, and adds the image-pool branch's exact contribution
+        # (core.blocks.split_pool_conv).
+        self.split_pool = False
 
     def forward(self, x: torch.Tensor, valid_hw: Optional[torch.Tensor] = None) -> torch.Tensor:
-        branches = [self.image_pool(x, valid_hw)]
-        branches.extend(m(x) for m in self.aspp_modules)
-        out = self.bottleneck(torch.cat(branches, dim=1))
+        if self.split_pool:
+            rest = torch.cat([m(x) for m in self.aspp_modules], dim=1)
+            out = self.bottleneck(rest, self.image_pool.pooled(x, valid_hw))
+        else:
+            branches = [self.image_pool(x, valid_hw)]
+            branches.extend(m(x) for m in self.aspp_modules)
+            out = self.bottleneck(torch.cat(branches, dim=1))
         return self.conv_seg(self.dropout(out))
 
 
@@ -85,3 +96,17 @@ def _init_classifier(conv: nn.Conv2d) -> None:
     # mmseg BaseDecodeHead: normal_init(conv_seg, mean=0, std=0.01), bias 0.
     nn.init.normal_(conv.weight, mean=0.0, std=0.01)
     nn.init.zeros_(conv.bias)
+
+
+def count_split_pool_flops(model: nn.Module, input_shape) -> int:
+    """FLOPs of one training step that the plain model computes and split_pool_conv does not: per
+    ASPP head with split_pool, 3 products (forward, input and weight gradient) x 2 FLOPs x the
+    bottleneck's multiply-adds over the image-pool channels (N H W kh kw P O; the taps' own
+    products are O kh kw P N, not counted)."""
+    from core.atrous_plan import conv_calls
+    skipped = 0
+    for _, head, (n, _, h, w) in conv_calls(model, input_shape, lambda m: getattr(m, "split_pool", False)):
+        conv, pool = head.bottleneck.conv, head.image_pool._modules["1"].conv
+        kh, kw = conv.kernel_size
+        skipped += 6 * n * h * w * kh * kw * pool.out_channels * conv.out_channels
+    return skipped

@@ -89,8 +89,8 @@ def inference_defaults(ckpt: LoadedCheckpoint) -> Dict[str, Any]:
 
 def convert_for_inference(model: torch.nn.Module, fuse: bool, winograd: bool, atrous: bool) -> int:
     """The inference conversions, in the order they need (in place); returns the number of Winograd
-    convs. Folding builds new convs, so it comes first; Winograd (fp32 3x3 convs of 128+ channels,
-    run where they pay off for the map at hand, core/winograd.py) before the padding-aware
+    convs. Folding builds new convs, so it comes first; Winograd (3x3 convs of 128+ channels, run
+    where they pay off for the map and dtype at hand: core/winograd.py, core/winograd_bf16.py) before the padding-aware
     conversion, which then takes the dilated convs Winograd left."""
     if fuse:
         fuse_for_inference(model)  # fold every BN into its conv: fewer ops, same outputs
@@ -130,9 +130,8 @@ class Segmenter:
         self.resize = ValTransform(tuple(scale) if scale else None)
         self.num_classes = ckpt.settings["num_classes"]
         model = build_from_checkpoint(ckpt, aux_head=False)
-        # Winograd in fp32 on the CPU only: the bf16 levels keep the direct conv (core/winograd.py)
-        fp32_cpu = self.device.type == "cpu" and self.amp.compute_dtype == torch.float32
-        self.winograd_convs = convert_for_inference(model, fuse, winograd and fp32_cpu, atrous)
+        # Winograd on the CPU: F(4x4) in fp32, F(2x2) in bf16 (core/winograd.py, core/winograd_bf16.py)
+        self.winograd_convs = convert_for_inference(model, fuse, winograd and self.device.type == "cpu", atrous)
         model.eval()
         model.to(self.device.torch_device,
                  memory_format=torch.channels_last if channels_last else torch.preserve_format)

@@ -13,11 +13,12 @@ dilation only changes the strides with which tiles are read and written: one cod
 
 Numerics: exact in exact arithmetic; in float32 the error against oneDNN's direct conv is a few
 1e-6 relative (tests/test_winograd.py). The transforms amplify rounding: with bfloat16 GEMM
-inputs the relative error of a layer was 1.3-3% (points 0, +-1, +-2 and the best others tried)
-against 0.2-0.3% for a direct bf16 conv, so a bf16 call runs the direct conv instead (see
-WinogradConv2d.forward). A call that needs gradients runs _WinogradConvFunction (forward, input
-and weight gradient all in the Winograd domain). The direct conv runs under autocast (the conv
-then runs in the low dtype) and in a model traced by torch.compile: under torch 2.13 inductor, a
+inputs the relative error of an F(4x4) layer was 1.3-3% (points 0, +-1, +-2 and the best others
+tried) against 0.2-0.3% for a direct bf16 conv, so a bf16 inference call (a cast model, or CPU
+autocast to bf16) runs F(2x2, 3x3) instead, whose transforms hardly amplify it
+(core/winograd_bf16.py), and a bf16 call with gradients the direct conv. A float32 call that needs
+gradients runs _WinogradConvFunction (forward, input and weight gradient all in the Winograd
+domain). The direct conv runs in a model traced by torch.compile: under torch 2.13 inductor, a
 model whose Winograd convs ran eagerly between compiled graphs gave wrong logits (freezing, ATen
 at AVX2) or a glibc "double free or corruption" abort (no freezing, AVX-512), so a compiled model
 keeps the library's conv.
@@ -32,6 +33,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from core import winograd_bf16
 from core.atrous import _is_channels_last, _run, _to_format, conv_macs, same_padded_3x3
 from kernels import ops
 from kernels.reference_winograd import tile_grid
@@ -45,14 +47,14 @@ MIN_GAIN = 1.5
 _workspace = threading.local()  # per thread: the V and M buffers, reused by every layer and call
 
 
-def _buffer(name: str, shape) -> torch.Tensor:
-    """A float32 scratch tensor of `shape` viewed from a per-thread buffer that only grows: a fresh
+def _buffer(name: str, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A scratch tensor of `shape` viewed from a per-thread buffer that only grows: a fresh
     100-200 MB tensor per layer would be page-faulted in again at every call (a fresh V for the
     ASPP bottleneck cost 8x the transform itself here)."""
     need = math.prod(shape)
     buf = getattr(_workspace, name, None)
-    if buf is None or buf.numel() < need:
-        buf = torch.empty(need, dtype=torch.float32)
+    if buf is None or buf.numel() < need or buf.dtype != dtype:
+        buf = torch.empty(need, dtype=dtype)
         setattr(_workspace, name, buf)
     return buf[:need].view(shape)
 
@@ -201,22 +203,37 @@ class WinogradConv2d(nn.Conv2d):
     def eligible(m: nn.Module) -> bool:
         return same_padded_3x3(m)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.ndim != 4 or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or x.device.type != "cpu" or torch.is_autocast_enabled(x.device.type)
-                or torch.compiler.is_compiling()):
-            return super().forward(x)
+    def forward(self, x: torch.Tensor, first_channel: int = 0) -> torch.Tensor:
+        """The conv of x; with first_channel > 0, x holds only the input channels from first_channel
+        on, and the conv uses only their part of the weight (core/heads.py: the ASPP bottleneck
+        without its image-pool channels)."""
+        weight = self.weight[:, first_channel:] if first_channel else self.weight
+        if x.ndim != 4 or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return self._conv_forward(x, weight, self.bias)
         d = self.dilation[0]
-        if winograd_gain(x.shape[2], x.shape[3], d) < MIN_GAIN:
-            return super().forward(x) if d == 1 else _run("channels_last", x, self.weight, self.bias, d)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
-                                        or (self.bias is not None and self.bias.requires_grad)):
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (self.bias is not None and self.bias.requires_grad))
+        if not needs_grad and winograd_bf16.bf16_call(x, weight) and winograd_bf16.worthwhile(self, x):
+            u = self._transformed(winograd_bf16.transform_weight2, first_channel)
+            return winograd_bf16.winograd2_conv2d(x.to(torch.bfloat16), u, self.bias, d)
+        if (x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+                or winograd_gain(x.shape[2], x.shape[3], d) < MIN_GAIN):
+            return self._conv_forward(x, weight, self.bias) if d == 1 else _run("channels_last", x, weight, self.bias, d)
+        if needs_grad:
             self.__dict__.pop("_winograd_u", None)  # training again: the kept transform is stale
-            return _WinogradConvFunction.apply(x, self.weight, self.bias, d)
-        key = (self.weight.device, self.weight._version, self.weight.data_ptr())
+            return _WinogradConvFunction.apply(x, weight, self.bias, d)
+        return winograd_conv2d(x, self._transformed(transform_weight, first_channel), self.bias, d)
+
+    def _transformed(self, transform, first_channel: int = 0) -> torch.Tensor:
+        """The kept transform of the weight's input channels from first_channel on (F(4x4) float32 or
+        F(2x2) bf16), rebuilt when the weight changes in place, moves or is cast, or the other
+        transform or channels are asked for. Transformed from the sliced weight, so it is contiguous
+        (a sliced transform cost the bf16 GEMMs 15% more in strided reads)."""
+        w = self.weight
+        key = (transform.__name__, first_channel, w.device, w.dtype, w._version, w.data_ptr())
         if self.__dict__.get("_winograd_key") != key:
-            self._winograd_u, self._winograd_key = transform_weight(self.weight), key
-        return winograd_conv2d(x, self._winograd_u, self.bias, d)
+            self._winograd_u, self._winograd_key = transform(w[:, first_channel:]), key
+        return self._winograd_u
 
 
 def convert_winograd(model: nn.Module, min_channels: int = 128, max_dilation: Optional[int] = None) -> int:

@@ -18,7 +18,7 @@ from . import reference_enabled
 __all__ = ["backend", "resize_crop", "label_histogram", "photometric", "normalize", "label_lookup",
            "confusion_matrix", "fill_polygons", "bn_act_stats", "bn_act_forward", "bn_act_backward_reduce",
            "bn_act_backward", "winograd_input", "winograd_output",
-           "winograd_output_grad"]
+           "winograd_output_grad", "winograd2_input", "winograd2_output"]
 
 _BUILD_HINT = ("the C++ extension kernels._C is not built. Build it with `pip install -e .` (or "
                "`python setup.py build_ext --inplace`) in the repository root, or set "
@@ -220,16 +220,23 @@ def bn_act_backward(src: torch.Tensor, dy: torch.Tensor, mean: torch.Tensor, inv
 # Tiles of tile rows [row0, row0 + rows) of every phase grid of a dilation-D 3x3 conv, numbered
 # t = (((n * D + p) * D + q) * rows + ta - row0) * TW + tb (kernels/csrc/winograd.cpp).
 
+def _np_wino(t: torch.Tensor) -> np.ndarray:
+    """A tensor's data for the C++ transforms: float32 as it is, bfloat16 as its bits (int16)."""
+    t = t.detach()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
 def _winograd_tiles(op: str, src: torch.Tensor, name: str, dilation: int, row0: int, rows: int,
-                    out: torch.Tensor | None, num_threads: int | None) -> torch.Tensor:
-    """winograd_input / winograd_output_grad: [N, H, W, C] -> [36, T, C] by the C++ op `op`."""
-    _wino.check_tensor(src, name, 4)
-    _wino.check_chunk(src.shape[1], src.shape[2], dilation, row0, rows)
+                    out: torch.Tensor | None, num_threads: int | None, dtype=torch.float32, m: int = 4) -> torch.Tensor:
+    """winograd_input / winograd_output_grad / winograd2_input: [N, H, W, C] -> [(m + 2)^2, T, C] by
+    the C++ op `op`, on `dtype` tensors."""
+    _wino.check_tensor(src, name, 4, dtype)
+    _wino.check_chunk(src.shape[1], src.shape[2], dilation, row0, rows, m)
     if out is not None:
-        _wino.check_tensor(out, "out", 3)
-    result = getattr(_lib(), op)(src.detach().numpy(), dilation, row0, rows,
-                                 None if out is None else out.detach().numpy(), _ref.check_num_threads(num_threads))
-    return out if out is not None else torch.from_numpy(result)
+        _wino.check_tensor(out, "out", 3, dtype)
+    result = getattr(_lib(), op)(_np_wino(src), dilation, row0, rows, None if out is None else _np_wino(out),
+                                 _ref.check_num_threads(num_threads))
+    return out if out is not None else torch.from_numpy(result).view(dtype)
 
 
 def winograd_input(x: torch.Tensor, dilation: int, row0: int, rows: int, out: torch.Tensor | None = None,
@@ -245,13 +252,19 @@ def winograd_output(m: torch.Tensor, bias: torch.Tensor | None, dilation: int, r
     """Writes A^T m_t A (+ bias [O]) of every tile of m [36, T, O] into out [N, H, W, O] (in-image pixels)."""
     if reference_enabled():
         return _wino.winograd_output(m, bias, dilation, row0, rows, out, num_threads)
-    _wino.check_tensor(out, "out", 4)
-    _wino.check_chunk(out.shape[1], out.shape[2], dilation, row0, rows)
-    _wino.check_tensor(m, "m", 3)
+    return _winograd_output("winograd_output", m, bias, dilation, row0, rows, out, num_threads)
+
+
+def _winograd_output(op: str, m: torch.Tensor, bias: torch.Tensor | None, dilation: int, row0: int, rows: int,
+                     out: torch.Tensor, num_threads: int | None, dtype=torch.float32, k: int = 4) -> torch.Tensor:
+    """winograd_output / winograd2_output: m [(k + 2)^2, T, O] -> k x k tiles of out [N, H, W, O] by `op`."""
+    _wino.check_tensor(out, "out", 4, dtype)
+    _wino.check_chunk(out.shape[1], out.shape[2], dilation, row0, rows, k)
+    _wino.check_tensor(m, "m", 3, dtype)
     if bias is not None:
         _wino.check_tensor(bias, "bias", 1)
-    _lib().winograd_output(m.detach().numpy(), None if bias is None else bias.detach().numpy(), dilation, row0,
-                           rows, out.detach().numpy(), _ref.check_num_threads(num_threads))
+    getattr(_lib(), op)(_np_wino(m), None if bias is None else bias.detach().numpy(), dilation, row0, rows,
+                        _np_wino(out), _ref.check_num_threads(num_threads))
     return out
 
 
@@ -261,3 +274,24 @@ def winograd_output_grad(dy: torch.Tensor, dilation: int, row0: int, rows: int, 
     if reference_enabled():
         return _wino.winograd_output_grad(dy, dilation, row0, rows, out, num_threads)
     return _winograd_tiles("winograd_output_grad", dy, "dy", dilation, row0, rows, out, num_threads)
+
+
+# ---- Winograd F(2x2, 3x3) transforms (core/winograd_bf16.py): bfloat16 NHWC CPU tensors ----------
+# Tiles numbered as above with 2x2 output tiles (TW = ceil(ceil(W / D) / 2)); float32 arithmetic,
+# one rounding to bfloat16 (kernels/csrc/winograd_bf16.cpp).
+
+def winograd2_input(x: torch.Tensor, dilation: int, row0: int, rows: int, out: torch.Tensor | None = None,
+                    num_threads: int | None = None) -> torch.Tensor:
+    """v [16, T, C] bfloat16: B^T d B of every 4x4 input tile d of bfloat16 x [N, H, W, C] (zero outside)."""
+    if reference_enabled():
+        return _wino.winograd2_input(x, dilation, row0, rows, out, num_threads)
+    return _winograd_tiles("winograd2_input", x, "x", dilation, row0, rows, out, num_threads, torch.bfloat16, 2)
+
+
+def winograd2_output(m: torch.Tensor, bias: torch.Tensor | None, dilation: int, row0: int, rows: int,
+                     out: torch.Tensor, num_threads: int | None = None) -> torch.Tensor:
+    """Writes A^T m_t A (+ float32 bias [O]) of every tile of bfloat16 m [16, T, O] into bfloat16
+    out [N, H, W, O] (in-image pixels)."""
+    if reference_enabled():
+        return _wino.winograd2_output(m, bias, dilation, row0, rows, out, num_threads)
+    return _winograd_output("winograd2_output", m, bias, dilation, row0, rows, out, num_threads, torch.bfloat16, 2)

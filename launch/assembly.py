@@ -193,21 +193,24 @@ class Training:
                               self.device.torch_device, self.cfg.channels_last, stop_requested, timer)
 
     def flops_per_step(self) -> int:
-        """FLOPs of one step of this process's model (counted on the meta device: no compute)."""
-        no_weights = replace(self.cfg, pretrained=None, load_from=None)
+        """FLOPs of one step of this process's model as plain convolutions compute it (counted on the
+        meta device: no compute); flops_skipped_per_step says how much of it the step skips."""
+        no_weights = replace(self.cfg, pretrained=None, load_from=None, atrous=False)
         return count_train_step_flops(functools.partial(build_model, no_weights), self.batch_size, self.cfg.crop)
 
     def flops_skipped_per_step(self) -> int:
         """FLOPs of flops_per_step() not computed: by the padding-aware atrous convolutions (they
-        would read only zero padding) and by Winograd (fewer products for the same result).
-        Subtract them for the FLOPs the step really performs."""
+        would read only zero padding; the ASPP bottleneck's constant image-pool channels likewise) and
+        by Winograd (fewer products for the same result). Subtract them for the FLOPs the step really performs."""
         from core.atrous_plan import count_skipped_macs
+        from core.heads import count_split_pool_flops
         from core.winograd import count_skipped_flops
         shape = (self.batch_size, 3, *self.cfg.crop)
         skipped = 0
         if self.cfg.atrous:
             skipped += int(count_skipped_macs(self.model, shape, self.amp.compute_dtype, self.device.type)[
                 "train_step_flops_skipped"])
+            skipped += count_split_pool_flops(self.model, shape)
         if self.cfg.winograd and not self.cfg.compile:  # a compiled graph keeps the direct conv
             skipped += count_skipped_flops(self.model, shape, self.amp.compute_dtype, self.device.type)
         return skipped

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opacity", type=float, default=0.5, help="weight of the palette in the overlay")
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep BatchNorm layers (default: folded)")
     p.add_argument("--no-winograd", dest="winograd", action="store_false",
-                   help="direct 3x3 convolutions in fp32 (default on the CPU: Winograd F(4x4,3x3), core/winograd.py)")
+                   help="direct 3x3 convolutions (default on the CPU: Winograd F(4x4,3x3) in fp32, F(2x2,3x3) in "
+                        "bf16 where the CPU has bf16 kernels; core/winograd.py, core/winograd_bf16.py)")
     return p
 
 

@@ -137,7 +137,8 @@ def run_trace(cfg, opts, env, device, training) -> Dict:
                                      "allreduce": comm.summary() if comm is not None else {}})
     if not main:
         return {}
-    build = functools.partial(_build_model, dataclasses.replace(cfg, pretrained=None, load_from=None))
+    # the plain model's FLOPs, as Assembly.flops_per_step counts them (flops_skipped says what the step skips)
+    build = functools.partial(_build_model, dataclasses.replace(cfg, pretrained=None, load_from=None, atrous=False))
     flops = module_flops(build, training.batch_size, cfg.crop, opts.depth)
     result = {
         "config": to_dict(cfg), "options": dataclasses.asdict(opts), "world_size": env.world_size,

@@ -349,18 +349,26 @@ def test_counting_works_on_any_model_the_trainer_holds():
 def test_skipped_flops_match_torch_flop_counter(rng):
     # FlopCounterMode counts the matrix products the decomposition really runs (forward and
     # backward); the plain model's convs are counted at full size.
+    # The ASPP bottleneck's split (core.blocks.split_pool_conv) skips the image-pool channels' products
+    # and runs a few small ones instead (the taps' vectors and their sum over the map).
     from torch.utils.flop_counter import FlopCounterMode
+
+    from core.heads import count_split_pool_flops
     ref = _tiny_model(int(rng.integers(1 << 31)))
     mine = copy.deepcopy(ref)
     convert_atrous(mine, algorithm="taps")
     x = randn(rng, *MODEL_INPUT)
     counted = []
-    for m in (ref, mine):
+    for m, split in ((ref, False), (mine, False), (mine, True)):
+        m.decode_head.split_pool = split
         with FlopCounterMode(display=False) as counter:
             _outputs_and_grads(m, x)
         counted.append(counter.get_total_flops())
     skipped = atrous_plan.count_skipped_macs(mine, MODEL_INPUT)["train_step_flops_skipped"]
     assert skipped > 0 and counted[0] - counted[1] == skipped
+    split_skipped = count_split_pool_flops(mine, MODEL_INPUT)
+    extra = counted[0] - skipped - split_skipped - counted[2]
+    assert split_skipped > 0 and -0.05 * split_skipped < extra <= 0
 
 
 def test_count_macs_against_a_brute_force_count():

@@ -22,8 +22,8 @@ SHAPES = [(1, 8, 8, 3, 1), (2, 9, 13, 5, 1), (1, 1, 1, 1, 1), (1, 17, 10, 64, 2)
           (1, 5, 3, 130, 4), (1, 3, 4, 7, 6), (1, 30, 22, 9, 5)]
 
 
-def _grid(h, w, d):
-    return -(-(-(-h // d)) // 4), -(-(-(-w // d)) // 4)
+def _grid(h, w, d, m=4):
+    return -(-(-(-h // d)) // m), -(-(-(-w // d)) // m)
 
 
 def _chunks(th):
@@ -31,21 +31,21 @@ def _chunks(th):
     return sorted({(0, th), (0, 1), (th - 1, 1)})
 
 
-def _tiles(n, h, w, d, row0, rows):
-    """(image, phase row, phase column, tile row, tile column) in the kernels' tile order."""
-    _, tw = _grid(h, w, d)
+def _tiles(n, h, w, d, row0, rows, m=4):
+    """(image, phase row, phase column, tile row, tile column) in the kernels' tile order (m x m output tiles)."""
+    _, tw = _grid(h, w, d, m)
     return [(img, p, q, ta, tb) for img in range(n) for p in range(d) for q in range(d)
             for ta in range(row0, row0 + rows) for tb in range(tw)]
 
 
-def _gather(a, d, img, p, q, ta, tb, size, offset):
-    """The size x size tile of a [N, H, W, C] whose first pixel is (p + d(4ta + offset), q + d(4tb + offset)),
+def _gather(a, d, img, p, q, ta, tb, size, offset, m=4):
+    """The size x size tile of a [N, H, W, C] whose first pixel is (p + d(m ta + offset), q + d(m tb + offset)),
     0 outside the image."""
     _, h, w, c = a.shape
     tile = np.zeros((size, size, c))
     for i in range(size):
         for j in range(size):
-            yy, xx = p + d * (4 * ta + i + offset), q + d * (4 * tb + j + offset)
+            yy, xx = p + d * (m * ta + i + offset), q + d * (m * tb + j + offset)
             if 0 <= yy < h and 0 <= xx < w:
                 tile[i, j] = a[img, yy, xx]
     return tile

@@ -63,4 +63,11 @@ py::array winograd_output_grad(const py::object& dy, int64_t dilation, int64_t r
 py::array winograd_output(const py::object& m, const py::object& bias, int64_t dilation, int64_t row0, int64_t rows,
                           const py::object& out, int num_threads);
 
+// winograd_bf16.cpp: the data transforms of core/winograd_bf16.py's F(2x2, 3x3) conv on NHWC bfloat16.
+py::array winograd2_input(const py::object& x, int64_t dilation, int64_t row0, int64_t rows, const py::object& out,
+                          int num_threads);
+
+py::array winograd2_output(const py::object& m, const py::object& bias, int64_t dilation, int64_t row0, int64_t rows,
+                           const py::object& out, int num_threads);
+
 }  // namespace kernels

@@ -107,6 +107,22 @@ PYBIND11_MODULE(_C, m) {
           "4x4 output tile dy_t of float32 NHWC dy [N, H, W, O] (pixels outside the image read 0), tiles\n"
           "numbered as in winograd_input. out: optional float32 [36, T, O] not overlapping dy. Returns out.");
 
+    m.def("winograd2_input", &kernels::winograd2_input, "x"_a, "dilation"_a, "row0"_a, "rows"_a,
+          "out"_a = py::none(), "num_threads"_a = 1,
+          "Winograd F(2x2, 3x3) input transform of bfloat16 NHWC x [N, H, W, C] (its bits as int16) for a\n"
+          "dilation-D 3x3 conv (padding D): v [16, T, C] (bf16 bits as int16) with v[4a + b, t] = (B^T d B)[a, b]\n"
+          "for the 4x4 input tile d of tile t, computed in float32 and rounded once (pixels outside the image\n"
+          "read 0). Tiles: tile rows [row0, row0 + rows) of every phase grid, t = (((n * D + p) * D + q) * rows\n"
+          "+ ta - row0) * TW + tb, TW = ceil(ceil(W / D) / 2). out: optional int16 [16, T, C] not overlapping x.\n"
+          "Returns out. Parallel over tiles.");
+
+    m.def("winograd2_output", &kernels::winograd2_output, "m"_a, "bias"_a, "dilation"_a, "row0"_a, "rows"_a,
+          "out"_a, "num_threads"_a = 1,
+          "Winograd F(2x2, 3x3) output transform: writes A^T m_t A (+ bias, float32 [O] or None), computed in\n"
+          "float32 and rounded once to bfloat16, for every tile t of m [16, T, O] (bf16 bits as int16, tiles\n"
+          "numbered as in winograd2_input) into the pixels of NHWC out [N, H, W, O] (bf16 bits as int16) that\n"
+          "lie in the image. Returns out. Parallel over tiles.");
+
     m.def("hsv_implementation", &kernels::hsv_implementation,
           "'avx2' or 'scalar': the HSV conversion code photometric uses on this CPU (identical results).");
     m.def("_force_scalar_hsv", &kernels::hsv_force_scalar, "force"_a,

@@ -22,13 +22,12 @@
 
 #include "common.h"
 #include "kernels.h"
+#include "winograd_tiles.h"
 
 namespace kernels {
 namespace {
 
-constexpr int64_t kBlock = 64;  // channels per pass: 36 x 64 floats of scratch stay in L1
-
-#define WINO_INLINE inline __attribute__((always_inline))
+constexpr int64_t kBlock = kWinoBlock;
 
 // out[a] = (B^T in)[a] over `n` channels, in[i] pointing at n floats each. The restrict copies
 // let the compiler vectorise without run-time alias checks (no output overlaps an input).
@@ -79,21 +78,6 @@ WINO_INLINE void a6(const float* const in[4], float* const out[6], int64_t n) {
         o5[c] = y3;
     }
 }
-
-struct Geometry {
-    int64_t n, h, w, c, d, th, tw, row0, rows, tiles;
-    // tile index -> (image, phase row, phase col, tile row, tile col)
-    void locate(int64_t t, int64_t* img, int64_t* p, int64_t* q, int64_t* ta, int64_t* tb) const {
-        *tb = t % tw;
-        t /= tw;
-        *ta = row0 + t % rows;
-        t /= rows;
-        *q = t % d;
-        t /= d;
-        *p = t % d;
-        *img = t / d;
-    }
-};
 
 WINO_INLINE void input_tiles(const Geometry& g, const float* x, float* v, int64_t t0, int64_t t1) {
     alignas(64) static const float zeros[kBlock] = {};
@@ -234,15 +218,6 @@ __attribute__((target("avx2,fma"))) void output_grad_avx2(const Geometry& g, con
 }
 #endif
 
-bool use_avx2() {
-#ifdef WINO_AVX2
-    static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return has;
-#else
-    return false;
-#endif
-}
-
 py::array float_array(const py::object& obj, const char* name, int ndim) {
     py::array a = as_array(obj, name);
     if (!has_dtype<float>(a)) throw py::type_error(std::string(name) + " must have dtype float32, got " + dtype_str(a));
@@ -251,38 +226,14 @@ py::array float_array(const py::object& obj, const char* name, int ndim) {
     return a;
 }
 
-// The geometry of a chunk, checked: dilation >= 1, 0 <= row0 < row0 + rows <= TH.
-Geometry geometry(int64_t n, int64_t h, int64_t w, int64_t c, int64_t dilation, int64_t row0, int64_t rows) {
-    if (dilation < 1) throw py::value_error("dilation must be >= 1, got " + std::to_string(dilation));
-    if (h < 1 || w < 1) throw py::value_error("the feature map must be at least 1x1");
-    Geometry g{};
-    g.n = n, g.h = h, g.w = w, g.c = c, g.d = dilation;
-    g.th = ((h + dilation - 1) / dilation + 3) / 4;
-    g.tw = ((w + dilation - 1) / dilation + 3) / 4;
-    if (row0 < 0 || rows < 1 || row0 + rows > g.th)
-        throw py::value_error("tile rows [row0, row0 + rows) = [" + std::to_string(row0) + ", " +
-                              std::to_string(row0 + rows) + ") must lie within [0, " + std::to_string(g.th) +
-                              ") for a " + std::to_string(h) + "x" + std::to_string(w) + " map at dilation " +
-                              std::to_string(dilation));
-    g.row0 = row0, g.rows = rows;
-    g.tiles = n * dilation * dilation * rows * g.tw;
-    return g;
-}
-
-int64_t min_tiles(int64_t channels) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, channels)); }
-
-}  // namespace
-
-namespace {
-
 // winograd_input and winograd_output_grad: src [N, H, W, C] -> [36, T, C] by `body`.
 template <typename Avx2, typename Baseline>
 py::array tiles_of(const py::object& src_obj, const char* src_name, int64_t dilation, int64_t row0, int64_t rows,
                    const py::object& out_obj, int num_threads, Avx2 avx2_body, Baseline baseline_body) {
     require_threads(num_threads);
     py::array src_arr = float_array(src_obj, src_name, 4);
-    const Geometry g = geometry(src_arr.shape(0), src_arr.shape(1), src_arr.shape(2), src_arr.shape(3), dilation,
-                                row0, rows);
+    const Geometry g = wino_geometry(src_arr.shape(0), src_arr.shape(1), src_arr.shape(2), src_arr.shape(3),
+                                     dilation, row0, rows, 4);
     const std::vector<py::ssize_t> shape{36, static_cast<py::ssize_t>(g.tiles), static_cast<py::ssize_t>(g.c)};
     py::array out;
     if (out_obj.is_none()) {
@@ -297,8 +248,8 @@ py::array tiles_of(const py::object& src_obj, const char* src_name, int64_t dila
     float* dst = static_cast<float*>(out.mutable_data());
     {
         py::gil_scoped_release release;
-        const bool avx2 = use_avx2();
-        parallel_for(g.tiles, num_threads, min_tiles(g.c), [&](int64_t t0, int64_t t1) {
+        const bool avx2 = wino_use_avx2();
+        parallel_for(g.tiles, num_threads, wino_min_tiles(g.c), [&](int64_t t0, int64_t t1) {
             if (avx2) return avx2_body(g, src, dst, t0, t1);
             baseline_body(g, src, dst, t0, t1);
         });
@@ -333,7 +284,7 @@ py::array winograd_output(const py::object& m_obj, const py::object& bias_obj, i
     py::array m = float_array(m_obj, "m", 3);
     py::array out = float_array(out_obj, "out", 4);
     require_writeable(out, "out");
-    const Geometry g = geometry(out.shape(0), out.shape(1), out.shape(2), out.shape(3), dilation, row0, rows);
+    const Geometry g = wino_geometry(out.shape(0), out.shape(1), out.shape(2), out.shape(3), dilation, row0, rows, 4);
     require_shape(m, "m", {36, static_cast<py::ssize_t>(g.tiles), static_cast<py::ssize_t>(g.c)});
     if (overlaps(out, m)) throw py::value_error("out must not overlap m");
     const float* b = nullptr;
@@ -347,8 +298,8 @@ py::array winograd_output(const py::object& m_obj, const py::object& bias_obj, i
     float* dst = static_cast<float*>(out.mutable_data());
     {
         py::gil_scoped_release release;
-        const bool avx2 = use_avx2();
-        parallel_for(g.tiles, num_threads, min_tiles(g.c), [&](int64_t t0, int64_t t1) {
+        const bool avx2 = wino_use_avx2();
+        parallel_for(g.tiles, num_threads, wino_min_tiles(g.c), [&](int64_t t0, int64_t t1) {
 #ifdef WINO_AVX2
             if (avx2) return output_avx2(g, src, b, dst, t0, t1);
 #endif
