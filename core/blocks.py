@@ -184,9 +184,9 @@ def mean_over_valid(x: torch.Tensor, valid_hw: Optional[torch.Tensor]) -> torch.
     A mask built from aranges keeps every shape static (no slicing by data-dependent sizes), so
     graph compilers see one graph whatever the valid sizes are.
     """
+    b, c, h, w = x.shape
     if valid_hw is None:
-        return x.mean(dim=(2, 3), keepdim=True)
-    b, _, h, w = x.shape
+        return _spatial_sum(x) / (h * w)
     if valid_hw.shape != (b, 2):
         raise ValueError(f"valid_hw must have shape [B, 2] = [{b}, 2], got {tuple(valid_hw.shape)}")
     vh = valid_hw[:, 0].to(device=x.device).clamp(1, h)
@@ -194,7 +194,17 @@ def mean_over_valid(x: torch.Tensor, valid_hw: Optional[torch.Tensor]) -> torch.
     rows = torch.arange(h, device=x.device).view(1, h, 1) < vh.view(b, 1, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w) < vw.view(b, 1, 1)
     mask = (rows & cols).to(x.dtype).unsqueeze(1)  # [B,1,H,W]
-    total = (x * mask).sum(dim=(2, 3), keepdim=True)
+    total = _spatial_sum(x * mask)
     count = (vh * vw).to(x.dtype).view(b, 1, 1, 1)
     return total / count
+
+
+def _spatial_sum(x: torch.Tensor) -> torch.Tensor:
+    """x.sum(dim=(2, 3), keepdim=True). In NHWC memory, a sum over the rows of the [B, H*W, C] view it
+    already is: torch's reduction over dims (2, 3) of that layout was 6x slower (ASPP input at
+    512x1024, bf16: 32 ms against 5 ms)."""
+    b, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return x.permute(0, 2, 3, 1).reshape(b, h * w, c).sum(1).view(b, c, 1, 1)
+    return x.sum(dim=(2, 3), keepdim=True)
 

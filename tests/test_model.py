@@ -153,6 +153,9 @@ def test_mean_over_valid_is_static_shape_masked_mean():
     torch.testing.assert_close(got[1, :, 0, 0], x[1].mean(dim=(1, 2)))
     with pytest.raises(ValueError, match="valid_hw"):
         mean_over_valid(x, torch.tensor([2, 3]))
+    cl = x.contiguous(memory_format=torch.channels_last)  # summed over the rows of its NHWC view
+    torch.testing.assert_close(mean_over_valid(cl, torch.tensor([[2, 3], [4, 5]])), got)
+    torch.testing.assert_close(mean_over_valid(cl, None), x.mean(dim=(2, 3), keepdim=True))
 
 
 def test_model_valid_hw_maps_to_feature_grid():
