@@ -205,8 +205,8 @@ class WinogradConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor, first_channel: int = 0) -> torch.Tensor:
         """The conv of x; with first_channel > 0, x holds only the input channels from first_channel
-        on, and the conv uses only their part of the weight (core/heads.py: the ASPP bottleneck
-        without its image-pool channels)."""
+        on, and the conv uses only their part of the weight (core.blocks.split_pool_conv: the ASPP
+        bottleneck without its image-pool channels)."""
         weight = self.weight[:, first_channel:] if first_channel else self.weight
         if x.ndim != 4 or x.device.type != "cpu" or torch.compiler.is_compiling():
             return self._conv_forward(x, weight, self.bias)
@@ -218,7 +218,9 @@ class WinogradConv2d(nn.Conv2d):
             return winograd_bf16.winograd2_conv2d(x.to(torch.bfloat16), u, self.bias, d)
         if (x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
                 or winograd_gain(x.shape[2], x.shape[3], d) < MIN_GAIN):
-            return self._conv_forward(x, weight, self.bias) if d == 1 else _run("channels_last", x, weight, self.bias, d)
+            if d == 1:
+                return self._conv_forward(x, weight, self.bias)
+            return _run("channels_last", x, weight, self.bias, d)
         if needs_grad:
             self.__dict__.pop("_winograd_u", None)  # training again: the kept transform is stale
             return _WinogradConvFunction.apply(x, weight, self.bias, d)

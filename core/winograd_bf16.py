@@ -7,12 +7,16 @@ transforms it shares the tiling, chunking and phase grids with; here the 16 GEMM
 M[k] = V[k] @ U[k] run in bfloat16 (the CPU's bf16 dot-product instructions, twice the float32
 rate), the data transforms (kernels/csrc/winograd_bf16.cpp) compute in float32 from bf16 and round once.
 
-Why F(2x2) and not F(4x4) in bf16: the GEMM inputs V and U are rounded to bf16 (2^-9 relative), and
-the transforms amplify that by the size of their entries. F(4x4)'s (up to 8, and G's 1/24)
-gave 1.3-3% relative error per layer; F(2x2)'s are 0, +-1 and +-1/2: measured 0.35-0.45% per
-layer before the output's rounding, against 0.23% for oneDNN's direct bf16 conv (R50-D8 layer
-shapes, Zen 4; tests/test_winograd_bf16.py holds the bound). Only where the CPU has bf16 kernels
-(core.cpu.bf16_here): elsewhere the bf16 GEMM is a slow reference loop and the direct conv is kept.
+Why F(2x2) and not F(4x4) in bf16: the GEMM inputs V and U and the products M are rounded to bf16
+(up to 2^-8 relative), and the transforms amplify that by the size of their entries. F(4x4)'s (up
+to 8, and G's 1/24) gave 1.3-3% relative error per layer; F(2x2)'s are 0, +-1 and +-1/2: measured
+0.28-0.41% per layer (error norm over output norm, bf16-exact inputs, the output's rounding
+included) against 0.17% for oneDNN's direct bf16 conv (R50-D8 layer shapes, Zen 4;
+tests/test_winograd_bf16.py holds an element-wise bound). The whole R50-D8 at 512x1024 agreed with
+the fp32 model's argmax on 99.857% of the pixels, the direct bf16 model on 99.858% (bench/infer.py).
+Only where the CPU has bf16 kernels (core.cpu.bf16_here): elsewhere the bf16 GEMM is a slow
+reference loop and the direct conv is kept. Inference only: a call that needs gradients runs the
+direct conv.
 """
 from __future__ import annotations
 
@@ -30,8 +34,9 @@ _CHUNK = 1 << 25  # elements of transformed input per chunk (64 MB in bfloat16)
 # A bf16 call runs Winograd when the direct conv's useful multiply-adds are at least MIN_GAIN times
 # the GEMMs' (winograd2_gain) and both channel counts reach MIN_CHANNELS. Measured against oneDNN's
 # channels_last bf16 conv (R50-D8 at 512x1024, Zen 4, 2 threads; the estimated gain in brackets):
-# 2560->512 1.76x (2.21), 512->512 d4 1.60x (2.11), 2048->512 d12 1.53x (1.46: oneDNN's bf16 conv
-# computes the padding taps), d24 1.10x (0.88), 256->256 d2 0.98x (2.18), 128->128 0.80x (2.21).
+# 2560->512 1.76x (2.21), 512->512 d4 1.56-1.60x (2.11), 2048->512 d12 1.53x (1.46: oneDNN's bf16
+# conv computes some padding taps), d24 1.01-1.10x (0.88), d36 0.99x (0.90), 256->256 d2 0.98-1.22x
+# (2.18; no gain in a whole-model A/B, so kept direct), 128->128 0.80x (2.21).
 MIN_GAIN = 1.2
 MIN_CHANNELS = 512
 
