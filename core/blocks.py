@@ -186,7 +186,9 @@ def mean_over_valid(x: torch.Tensor, valid_hw: Optional[torch.Tensor]) -> torch.
     """
     b, c, h, w = x.shape
     if valid_hw is None:
-        return _spatial_sum(x) / (h * w)
+        if _nhwc(x):  # torch's mean over dims (2, 3) of NHWC memory: 32 ms against 5 ms (see _spatial_sum)
+            return x.permute(0, 2, 3, 1).reshape(b, h * w, c).mean(1).view(b, c, 1, 1)
+        return x.mean(dim=(2, 3), keepdim=True)  # (one ReduceMean in an ONNX export, core/onnx_export.py)
     if valid_hw.shape != (b, 2):
         raise ValueError(f"valid_hw must have shape [B, 2] = [{b}, 2], got {tuple(valid_hw.shape)}")
     vh = valid_hw[:, 0].to(device=x.device).clamp(1, h)
@@ -199,12 +201,16 @@ def mean_over_valid(x: torch.Tensor, valid_hw: Optional[torch.Tensor]) -> torch.
     return total / count
 
 
+def _nhwc(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _spatial_sum(x: torch.Tensor) -> torch.Tensor:
     """x.sum(dim=(2, 3), keepdim=True). In NHWC memory, a sum over the rows of the [B, H*W, C] view it
     already is: torch's reduction over dims (2, 3) of that layout was 6x slower (ASPP input at
     512x1024, bf16: 32 ms against 5 ms)."""
     b, c, h, w = x.shape
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if _nhwc(x):
         return x.permute(0, 2, 3, 1).reshape(b, h * w, c).sum(1).view(b, c, 1, 1)
     return x.sum(dim=(2, 3), keepdim=True)
 

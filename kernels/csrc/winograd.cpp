@@ -27,42 +27,50 @@
 namespace kernels {
 namespace {
 
-constexpr int64_t kBlock = kWinoBlock;
+constexpr int64_t kBlock = kWinoBlock;  // output_grad_tiles, below
 
-// out[a] = (B^T in)[a] over `n` channels, in[i] pointing at n floats each. The restrict copies
-// let the compiler vectorise without run-time alias checks (no output overlaps an input).
-WINO_INLINE void bt6(const float* const in[6], float* const out[6], int64_t n) {
-    const float *__restrict__ i0 = in[0], *__restrict__ i1 = in[1], *__restrict__ i2 = in[2],
-                *__restrict__ i3 = in[3], *__restrict__ i4 = in[4], *__restrict__ i5 = in[5];
-    float *__restrict__ o0 = out[0], *__restrict__ o1 = out[1], *__restrict__ o2 = out[2], *__restrict__ o3 = out[3],
-          *__restrict__ o4 = out[4], *__restrict__ o5 = out[5];
-    for (int64_t c = 0; c < n; ++c) {
-        const float d0 = i0[c], d1 = i1[c], d2 = i2[c], d3 = i3[c], d4 = i4[c], d5 = i5[c];
-        o0[c] = 4.f * d0 - 5.f * d2 + d4;
-        o1[c] = -4.f * (d1 + d2) + (d3 + d4);
-        o2[c] = 4.f * (d1 - d2) + (d4 - d3);
-        o3[c] = 2.f * (d3 - d1) + (d4 - d2);
-        o4[c] = 2.f * (d1 - d3) + (d4 - d2);
-        o5[c] = 4.f * d1 - 5.f * d3 + d5;
+// F(4x4, 3x3): the 1-D transforms over n channels, for wino_input_tiles / wino_output_tiles
+// (winograd_tiles.h). The restrict copies let the compiler vectorise without run-time alias checks
+// (no output overlaps an input).
+struct F4 {
+    static constexpr int kM = 4;
+    // out[a] = (B^T in)[a]
+    template <typename In, typename Out>
+    static WINO_INLINE void bt(const In* const in[6], Out* const out[6], int64_t n) {
+        const In *__restrict__ i0 = in[0], *__restrict__ i1 = in[1], *__restrict__ i2 = in[2],
+                 *__restrict__ i3 = in[3], *__restrict__ i4 = in[4], *__restrict__ i5 = in[5];
+        Out *__restrict__ o0 = out[0], *__restrict__ o1 = out[1], *__restrict__ o2 = out[2], *__restrict__ o3 = out[3],
+            *__restrict__ o4 = out[4], *__restrict__ o5 = out[5];
+        for (int64_t c = 0; c < n; ++c) {
+            const float d0 = load(i0[c]), d1 = load(i1[c]), d2 = load(i2[c]), d3 = load(i3[c]), d4 = load(i4[c]),
+                        d5 = load(i5[c]);
+            store(o0[c], 4.f * d0 - 5.f * d2 + d4);
+            store(o1[c], -4.f * (d1 + d2) + (d3 + d4));
+            store(o2[c], 4.f * (d1 - d2) + (d4 - d3));
+            store(o3[c], 2.f * (d3 - d1) + (d4 - d2));
+            store(o4[c], 2.f * (d1 - d3) + (d4 - d2));
+            store(o5[c], 4.f * d1 - 5.f * d3 + d5);
+        }
     }
-}
-
-// out[a] = (A^T in)[a], a < 4.
-WINO_INLINE void at4(const float* const in[6], float* const out[4], int64_t n) {
-    const float *__restrict__ i0 = in[0], *__restrict__ i1 = in[1], *__restrict__ i2 = in[2],
-                *__restrict__ i3 = in[3], *__restrict__ i4 = in[4], *__restrict__ i5 = in[5];
-    float *__restrict__ o0 = out[0], *__restrict__ o1 = out[1], *__restrict__ o2 = out[2], *__restrict__ o3 = out[3];
-    for (int64_t c = 0; c < n; ++c) {
-        const float m0 = i0[c], m1 = i1[c], m2 = i2[c], m3 = i3[c], m4 = i4[c], m5 = i5[c];
-        const float s12 = m1 + m2, d12 = m1 - m2, s34 = m3 + m4, d34 = m3 - m4;
-        o0[c] = m0 + s12 + s34;
-        o1[c] = d12 + 2.f * d34;
-        o2[c] = s12 + 4.f * s34;
-        o3[c] = d12 + 8.f * d34 + m5;
+    // out[a] = (A^T in)[a], a < 4
+    template <typename In>
+    static WINO_INLINE void at(const In* const in[6], float* const out[4], int64_t n) {
+        const In *__restrict__ i0 = in[0], *__restrict__ i1 = in[1], *__restrict__ i2 = in[2],
+                 *__restrict__ i3 = in[3], *__restrict__ i4 = in[4], *__restrict__ i5 = in[5];
+        float *__restrict__ o0 = out[0], *__restrict__ o1 = out[1], *__restrict__ o2 = out[2], *__restrict__ o3 = out[3];
+        for (int64_t c = 0; c < n; ++c) {
+            const float m0 = load(i0[c]), m1 = load(i1[c]), m2 = load(i2[c]), m3 = load(i3[c]), m4 = load(i4[c]),
+                        m5 = load(i5[c]);
+            const float s12 = m1 + m2, d12 = m1 - m2, s34 = m3 + m4, d34 = m3 - m4;
+            o0[c] = m0 + s12 + s34;
+            o1[c] = d12 + 2.f * d34;
+            o2[c] = s12 + 4.f * s34;
+            o3[c] = d12 + 8.f * d34 + m5;
+        }
     }
-}
+};
 
-// out[a] = (A in)[a] for 4 inputs, a < 6 (A = (A^T)^T: the adjoint of at4).
+// out[a] = (A in)[a] for 4 inputs, a < 6 (A = (A^T)^T: the adjoint of F4::at).
 WINO_INLINE void a6(const float* const in[4], float* const out[6], int64_t n) {
     const float *__restrict__ i0 = in[0], *__restrict__ i1 = in[1], *__restrict__ i2 = in[2], *__restrict__ i3 = in[3];
     float *__restrict__ o0 = out[0], *__restrict__ o1 = out[1], *__restrict__ o2 = out[2], *__restrict__ o3 = out[3],
@@ -80,78 +88,12 @@ WINO_INLINE void a6(const float* const in[4], float* const out[6], int64_t n) {
 }
 
 WINO_INLINE void input_tiles(const Geometry& g, const float* x, float* v, int64_t t0, int64_t t1) {
-    alignas(64) static const float zeros[kBlock] = {};
-    alignas(64) float rows_t[36][kBlock];  // B^T d, [a][j]
-    for (int64_t t = t0; t < t1; ++t) {
-        int64_t img, p, q, ta, tb;
-        g.locate(t, &img, &p, &q, &ta, &tb);
-        const float* px[6][6];
-        for (int i = 0; i < 6; ++i) {
-            const int64_t y = p + g.d * (4 * ta + i - 1);
-            for (int j = 0; j < 6; ++j) {
-                const int64_t xx = q + g.d * (4 * tb + j - 1);
-                px[i][j] = (y >= 0 && y < g.h && xx >= 0 && xx < g.w) ? x + ((img * g.h + y) * g.w + xx) * g.c
-                                                                       : nullptr;
-            }
-        }
-        for (int64_t c0 = 0; c0 < g.c; c0 += kBlock) {
-            const int64_t nc = std::min(kBlock, g.c - c0);
-            for (int j = 0; j < 6; ++j) {  // columns of d: B^T over its rows i
-                const float* in[6];
-                for (int i = 0; i < 6; ++i) in[i] = px[i][j] ? px[i][j] + c0 : zeros;
-                float* const out[6] = {rows_t[j], rows_t[6 + j], rows_t[12 + j], rows_t[18 + j], rows_t[24 + j],
-                                       rows_t[30 + j]};  // rows_t[6a + j]
-                bt6(in, out, nc);
-            }
-            for (int a = 0; a < 6; ++a) {  // rows of B^T d: times B over j
-                const float* in[6];
-                for (int j = 0; j < 6; ++j) in[j] = rows_t[6 * a + j];
-                float* out[6];
-                for (int b = 0; b < 6; ++b) out[b] = v + ((6 * a + b) * g.tiles + t) * g.c + c0;
-                bt6(in, out, nc);
-            }
-        }
-    }
+    wino_input_tiles<F4>(g, x, v, t0, t1);
 }
 
 WINO_INLINE void output_tiles(const Geometry& g, const float* m, const float* bias, float* y, int64_t t0,
                               int64_t t1) {
-    const int64_t o = g.c;
-    alignas(64) float cols_t[24][kBlock];  // A^T M, [a][b]
-    alignas(64) float res[4][kBlock];
-    for (int64_t t = t0; t < t1; ++t) {
-        int64_t img, p, q, ta, tb;
-        g.locate(t, &img, &p, &q, &ta, &tb);
-        for (int64_t o0 = 0; o0 < o; o0 += kBlock) {
-            const int64_t no = std::min(kBlock, o - o0);
-            for (int b = 0; b < 6; ++b) {  // columns of M: A^T over its rows
-                const float* in[6];
-                for (int i = 0; i < 6; ++i) in[i] = m + ((6 * i + b) * g.tiles + t) * o + o0;
-                float* const out[4] = {cols_t[b], cols_t[6 + b], cols_t[12 + b], cols_t[18 + b]};
-                at4(in, out, no);
-            }
-            for (int a = 0; a < 4; ++a) {  // rows of A^T M: times A over b
-                const int64_t yy = p + g.d * (4 * ta + a);
-                if (yy >= g.h) break;
-                const float* in[6];
-                for (int b = 0; b < 6; ++b) in[b] = cols_t[6 * a + b];
-                float* const out[4] = {res[0], res[1], res[2], res[3]};
-                at4(in, out, no);
-                for (int jj = 0; jj < 4; ++jj) {
-                    const int64_t xx = q + g.d * (4 * tb + jj);
-                    if (xx >= g.w) break;
-                    float* __restrict__ dst = y + ((img * g.h + yy) * g.w + xx) * o + o0;
-                    const float* __restrict__ src = res[jj];
-                    if (bias) {
-                        const float* __restrict__ bb = bias + o0;
-                        for (int64_t c = 0; c < no; ++c) dst[c] = src[c] + bb[c];
-                    } else {
-                        std::memcpy(dst, src, sizeof(float) * no);
-                    }
-                }
-            }
-        }
-    }
+    wino_output_tiles<F4>(g, m, bias, y, t0, t1);
 }
 
 // The adjoint of output_tiles (without bias): g [36, T, O] with g[6a + b, t] = (A dy_t A^T)[a, b]

@@ -23,122 +23,42 @@
 namespace kernels {
 namespace {
 
-WINO_INLINE float load(float v) { return v; }
-WINO_INLINE float load(uint16_t h) {
-    const uint32_t u = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-WINO_INLINE void store(float& dst, float v) { dst = v; }
-// Round to nearest even, as torch's float -> bfloat16 conversion; NaN stays a (quiet) NaN.
-WINO_INLINE void store(uint16_t& dst, float v) {
-    uint32_t u;
-    std::memcpy(&u, &v, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        dst = static_cast<uint16_t>((u >> 16) | 0x40u);
-        return;
+// F(2x2, 3x3): the 1-D transforms over n channels, for wino_input_tiles / wino_output_tiles.
+struct F2 {
+    static constexpr int kM = 2;
+    // out[a] = (B^T in)[a], B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
+    template <typename In, typename Out>
+    static WINO_INLINE void bt(const In* const in[4], Out* const out[4], int64_t n) {
+        const In *__restrict__ i0 = in[0], *__restrict__ i1 = in[1], *__restrict__ i2 = in[2], *__restrict__ i3 = in[3];
+        Out *__restrict__ o0 = out[0], *__restrict__ o1 = out[1], *__restrict__ o2 = out[2], *__restrict__ o3 = out[3];
+        for (int64_t c = 0; c < n; ++c) {
+            const float d0 = load(i0[c]), d1 = load(i1[c]), d2 = load(i2[c]), d3 = load(i3[c]);
+            store(o0[c], d0 - d2);
+            store(o1[c], d1 + d2);
+            store(o2[c], d2 - d1);
+            store(o3[c], d1 - d3);
+        }
     }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    dst = static_cast<uint16_t>(u >> 16);
-}
-
-// out[a] = (B^T in)[a], B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
-template <typename In, typename Out>
-WINO_INLINE void bt4(const In* const in[4], Out* const out[4], int64_t n) {
-    const In *__restrict__ i0 = in[0], *__restrict__ i1 = in[1], *__restrict__ i2 = in[2], *__restrict__ i3 = in[3];
-    Out *__restrict__ o0 = out[0], *__restrict__ o1 = out[1], *__restrict__ o2 = out[2], *__restrict__ o3 = out[3];
-    for (int64_t c = 0; c < n; ++c) {
-        const float d0 = load(i0[c]), d1 = load(i1[c]), d2 = load(i2[c]), d3 = load(i3[c]);
-        store(o0[c], d0 - d2);
-        store(o1[c], d1 + d2);
-        store(o2[c], d2 - d1);
-        store(o3[c], d1 - d3);
+    // out[a] = (A^T in)[a], A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
+    template <typename In>
+    static WINO_INLINE void at(const In* const in[4], float* const out[2], int64_t n) {
+        const In *__restrict__ i0 = in[0], *__restrict__ i1 = in[1], *__restrict__ i2 = in[2], *__restrict__ i3 = in[3];
+        float *__restrict__ o0 = out[0], *__restrict__ o1 = out[1];
+        for (int64_t c = 0; c < n; ++c) {
+            const float m0 = load(i0[c]), m1 = load(i1[c]), m2 = load(i2[c]), m3 = load(i3[c]);
+            o0[c] = (m0 + m1) + m2;
+            o1[c] = (m1 - m2) - m3;
+        }
     }
-}
-
-// out[a] = (A^T in)[a], A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
-template <typename In>
-WINO_INLINE void at2(const In* const in[4], float* const out[2], int64_t n) {
-    const In *__restrict__ i0 = in[0], *__restrict__ i1 = in[1], *__restrict__ i2 = in[2], *__restrict__ i3 = in[3];
-    float *__restrict__ o0 = out[0], *__restrict__ o1 = out[1];
-    for (int64_t c = 0; c < n; ++c) {
-        const float m0 = load(i0[c]), m1 = load(i1[c]), m2 = load(i2[c]), m3 = load(i3[c]);
-        o0[c] = (m0 + m1) + m2;
-        o1[c] = (m1 - m2) - m3;
-    }
-}
+};
 
 WINO_INLINE void input_tiles(const Geometry& g, const uint16_t* x, uint16_t* v, int64_t t0, int64_t t1) {
-    alignas(64) static const uint16_t zeros[kWinoBlock] = {};
-    alignas(64) float rows_t[16][kWinoBlock];  // B^T d, [a][j]
-    for (int64_t t = t0; t < t1; ++t) {
-        int64_t img, p, q, ta, tb;
-        g.locate(t, &img, &p, &q, &ta, &tb);
-        const uint16_t* px[4][4];
-        for (int i = 0; i < 4; ++i) {
-            const int64_t y = p + g.d * (2 * ta + i - 1);
-            for (int j = 0; j < 4; ++j) {
-                const int64_t xx = q + g.d * (2 * tb + j - 1);
-                px[i][j] = (y >= 0 && y < g.h && xx >= 0 && xx < g.w) ? x + ((img * g.h + y) * g.w + xx) * g.c
-                                                                       : nullptr;
-            }
-        }
-        for (int64_t c0 = 0; c0 < g.c; c0 += kWinoBlock) {
-            const int64_t nc = std::min(kWinoBlock, g.c - c0);
-            for (int j = 0; j < 4; ++j) {  // columns of d: B^T over its rows i
-                const uint16_t* in[4];
-                for (int i = 0; i < 4; ++i) in[i] = px[i][j] ? px[i][j] + c0 : zeros;
-                float* const out[4] = {rows_t[j], rows_t[4 + j], rows_t[8 + j], rows_t[12 + j]};  // rows_t[4a + j]
-                bt4(in, out, nc);
-            }
-            for (int a = 0; a < 4; ++a) {  // rows of B^T d: times B over j
-                const float* const in[4] = {rows_t[4 * a], rows_t[4 * a + 1], rows_t[4 * a + 2], rows_t[4 * a + 3]};
-                uint16_t* out[4];
-                for (int b = 0; b < 4; ++b) out[b] = v + ((4 * a + b) * g.tiles + t) * g.c + c0;
-                bt4(in, out, nc);
-            }
-        }
-    }
+    wino_input_tiles<F2>(g, x, v, t0, t1);
 }
 
 WINO_INLINE void output_tiles(const Geometry& g, const uint16_t* m, const float* bias, uint16_t* y, int64_t t0,
                               int64_t t1) {
-    const int64_t o = g.c;
-    alignas(64) float cols_t[8][kWinoBlock];  // A^T M, [a][b]
-    alignas(64) float res[2][kWinoBlock];
-    for (int64_t t = t0; t < t1; ++t) {
-        int64_t img, p, q, ta, tb;
-        g.locate(t, &img, &p, &q, &ta, &tb);
-        for (int64_t o0 = 0; o0 < o; o0 += kWinoBlock) {
-            const int64_t no = std::min(kWinoBlock, o - o0);
-            for (int b = 0; b < 4; ++b) {  // columns of M: A^T over its rows
-                const uint16_t* in[4];
-                for (int i = 0; i < 4; ++i) in[i] = m + ((4 * i + b) * g.tiles + t) * o + o0;
-                float* const out[2] = {cols_t[b], cols_t[4 + b]};
-                at2(in, out, no);
-            }
-            for (int a = 0; a < 2; ++a) {  // rows of A^T M: times A over b
-                const int64_t yy = p + g.d * (2 * ta + a);
-                if (yy >= g.h) break;
-                const float* const in[4] = {cols_t[4 * a], cols_t[4 * a + 1], cols_t[4 * a + 2], cols_t[4 * a + 3]};
-                float* const out[2] = {res[0], res[1]};
-                at2(in, out, no);
-                for (int jj = 0; jj < 2; ++jj) {
-                    const int64_t xx = q + g.d * (2 * tb + jj);
-                    if (xx >= g.w) break;
-                    uint16_t* __restrict__ dst = y + ((img * g.h + yy) * g.w + xx) * o + o0;
-                    const float* __restrict__ src = res[jj];
-                    if (bias) {
-                        const float* __restrict__ bb = bias + o0;
-                        for (int64_t c = 0; c < no; ++c) store(dst[c], src[c] + bb[c]);
-                    } else {
-                        for (int64_t c = 0; c < no; ++c) store(dst[c], src[c]);
-                    }
-                }
-            }
-        }
-    }
+    wino_output_tiles<F2>(g, m, bias, y, t0, t1);
 }
 
 void input_baseline(const Geometry& g, const uint16_t* x, uint16_t* v, int64_t t0, int64_t t1) {

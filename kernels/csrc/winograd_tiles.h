@@ -1,8 +1,10 @@
-// The tile geometry shared by the Winograd transforms (winograd.cpp: F(4x4, 3x3) in float32,
-// winograd_bf16.cpp: F(2x2, 3x3) in bfloat16): a dilation-D 3x3 conv is D x D ordinary 3x3 convs
-// on the phase grids (p + D i, q + D j), each covered by whole m x m output tiles.
+// What the Winograd transforms share (winograd.cpp: F(4x4, 3x3) in float32, winograd_bf16.cpp:
+// F(2x2, 3x3) in bfloat16): the tile geometry (a dilation-D 3x3 conv is D x D ordinary 3x3 convs on
+// the phase grids (p + D i, q + D j), each covered by whole m x m output tiles) and the two tile
+// loops, parameterised by the algorithm F (its 1-D transforms) and the element types.
 #pragma once
 
+#include <cstring>
 #include <string>
 
 #include "common.h"
@@ -57,6 +59,117 @@ inline bool wino_use_avx2() {
 #else
     return false;
 #endif
+}
+
+// Element access in float32 arithmetic: float as it is, uint16_t as bfloat16 bits.
+WINO_INLINE float load(float v) { return v; }
+WINO_INLINE float load(uint16_t h) {
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+WINO_INLINE void store(float& dst, float v) { dst = v; }
+// Round to nearest even, as torch's float -> bfloat16 conversion; NaN stays a (quiet) NaN.
+WINO_INLINE void store(uint16_t& dst, float v) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        dst = static_cast<uint16_t>((u >> 16) | 0x40u);
+        return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    dst = static_cast<uint16_t>(u >> 16);
+}
+
+// v [T*T, tiles, C] = B^T d B for the T x T input tiles d (T = F::kM + 2) of tiles [t0, t1) of x
+// [N, H, W, C]: tile (ta, tb) of phase grid (p, q) reads pixel (p + D (M ta + i - 1), q + D (M tb + j - 1)),
+// 0 outside the image. F::bt(in[T], out[T], n) applies B^T to T rows of n channels.
+template <typename F, typename In, typename Out>
+WINO_INLINE void wino_input_tiles(const Geometry& g, const In* x, Out* v, int64_t t0, int64_t t1) {
+    constexpr int M = F::kM, T = F::kM + 2;
+    alignas(64) static const In zeros[kWinoBlock] = {};
+    alignas(64) float rows_t[T * T][kWinoBlock];  // B^T d, [a][j]
+    for (int64_t t = t0; t < t1; ++t) {
+        int64_t img, p, q, ta, tb;
+        g.locate(t, &img, &p, &q, &ta, &tb);
+        const In* px[T][T];
+        for (int i = 0; i < T; ++i) {
+            const int64_t y = p + g.d * (M * ta + i - 1);
+            for (int j = 0; j < T; ++j) {
+                const int64_t xx = q + g.d * (M * tb + j - 1);
+                px[i][j] = (y >= 0 && y < g.h && xx >= 0 && xx < g.w) ? x + ((img * g.h + y) * g.w + xx) * g.c
+                                                                       : nullptr;
+            }
+        }
+        for (int64_t c0 = 0; c0 < g.c; c0 += kWinoBlock) {
+            const int64_t nc = std::min(kWinoBlock, g.c - c0);
+            for (int j = 0; j < T; ++j) {  // columns of d: B^T over its rows i
+                const In* in[T];
+                float* out[T];
+                for (int i = 0; i < T; ++i) {
+                    in[i] = px[i][j] ? px[i][j] + c0 : zeros;
+                    out[i] = rows_t[T * i + j];  // rows_t[T a + j]
+                }
+                F::bt(in, out, nc);
+            }
+            for (int a = 0; a < T; ++a) {  // rows of B^T d: times B over j
+                const float* in[T];
+                Out* out[T];
+                for (int j = 0; j < T; ++j) {
+                    in[j] = rows_t[T * a + j];
+                    out[j] = v + ((T * a + j) * g.tiles + t) * g.c + c0;
+                }
+                F::bt(in, out, nc);
+            }
+        }
+    }
+}
+
+// Writes the M x M output tile A^T m_t A (+ bias) of every tile t in [t0, t1) of m [T*T, tiles, O]
+// into the pixels of y [N, H, W, O] inside the image. F::at(in[T], out[M], n) applies A^T.
+template <typename F, typename In, typename Out>
+WINO_INLINE void wino_output_tiles(const Geometry& g, const In* m, const float* bias, Out* y, int64_t t0,
+                                   int64_t t1) {
+    constexpr int M = F::kM, T = F::kM + 2;
+    const int64_t o = g.c;
+    alignas(64) float cols_t[M * T][kWinoBlock];  // A^T M, [a][b]
+    alignas(64) float res[M][kWinoBlock];
+    for (int64_t t = t0; t < t1; ++t) {
+        int64_t img, p, q, ta, tb;
+        g.locate(t, &img, &p, &q, &ta, &tb);
+        for (int64_t o0 = 0; o0 < o; o0 += kWinoBlock) {
+            const int64_t no = std::min(kWinoBlock, o - o0);
+            for (int b = 0; b < T; ++b) {  // columns of M: A^T over its rows
+                const In* in[T];
+                float* out[M];
+                for (int i = 0; i < T; ++i) in[i] = m + ((T * i + b) * g.tiles + t) * o + o0;
+                for (int a = 0; a < M; ++a) out[a] = cols_t[T * a + b];
+                F::at(in, out, no);
+            }
+            for (int a = 0; a < M; ++a) {  // rows of A^T M: times A over b
+                const int64_t yy = p + g.d * (M * ta + a);
+                if (yy >= g.h) break;
+                const float* in[T];
+                float* out[M];
+                for (int b = 0; b < T; ++b) in[b] = cols_t[T * a + b];
+                for (int jj = 0; jj < M; ++jj) out[jj] = res[jj];
+                F::at(in, out, no);
+                for (int jj = 0; jj < M; ++jj) {
+                    const int64_t xx = q + g.d * (M * tb + jj);
+                    if (xx >= g.w) break;
+                    Out* __restrict__ dst = y + ((img * g.h + yy) * g.w + xx) * o + o0;
+                    const float* __restrict__ src = res[jj];
+                    if (bias) {
+                        const float* __restrict__ bb = bias + o0;
+                        for (int64_t c = 0; c < no; ++c) store(dst[c], src[c] + bb[c]);
+                    } else {
+                        for (int64_t c = 0; c < no; ++c) store(dst[c], src[c]);
+                    }
+                }
+            }
+        }
+    }
 }
 
 }  // namespace kernels
