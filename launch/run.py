@@ -143,7 +143,8 @@ def _train(cfg: TrainConfig, env: dist.DistEnv, device, data_root: str, stop: di
         if skipped:
             log.info(f"the model's {plain_flops / 1e12:.3f} TFLOP/step (direct convolutions) include "
                      f"{skipped / 1e12:.3f} that are not computed (padding-aware atrous convolutions skip zero "
-                     f"padding, Winograd needs fewer products); MFU counts the rest")
+                     f"padding, the ASPP bottleneck its constant image-pool map, Winograd needs fewer products); "
+                     f"MFU counts the rest")
         log.peak_tflops = cfg.peak_tflops or measure_peak_tflops(
             device.torch_device, training.amp.compute_dtype, os.path.join(cache_root(cfg.cache_dir), PEAK_CACHE_NAME),
             force=cfg.measure_peak, log=log.info)
