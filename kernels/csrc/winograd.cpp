@@ -160,20 +160,12 @@ __attribute__((target("avx2,fma"))) void output_grad_avx2(const Geometry& g, con
 }
 #endif
 
-py::array float_array(const py::object& obj, const char* name, int ndim) {
-    py::array a = as_array(obj, name);
-    if (!has_dtype<float>(a)) throw py::type_error(std::string(name) + " must have dtype float32, got " + dtype_str(a));
-    require_contiguous(a, name);
-    require_ndim(a, name, ndim, ndim);
-    return a;
-}
-
 // winograd_input and winograd_output_grad: src [N, H, W, C] -> [36, T, C] by `body`.
 template <typename Avx2, typename Baseline>
 py::array tiles_of(const py::object& src_obj, const char* src_name, int64_t dilation, int64_t row0, int64_t rows,
                    const py::object& out_obj, int num_threads, Avx2 avx2_body, Baseline baseline_body) {
     require_threads(num_threads);
-    py::array src_arr = float_array(src_obj, src_name, 4);
+    py::array src_arr = wino_float_array(src_obj, src_name, 4);
     const Geometry g = wino_geometry(src_arr.shape(0), src_arr.shape(1), src_arr.shape(2), src_arr.shape(3),
                                      dilation, row0, rows, 4);
     const std::vector<py::ssize_t> shape{36, static_cast<py::ssize_t>(g.tiles), static_cast<py::ssize_t>(g.c)};
@@ -181,7 +173,7 @@ py::array tiles_of(const py::object& src_obj, const char* src_name, int64_t dila
     if (out_obj.is_none()) {
         out = py::array_t<float>(shape);
     } else {
-        out = float_array(out_obj, "out", 3);
+        out = wino_float_array(out_obj, "out", 3);
         require_writeable(out, "out");
         require_shape(out, "out", shape);
         if (overlaps(out, src_arr)) throw py::value_error(std::string("out must not overlap ") + src_name);
@@ -223,8 +215,8 @@ py::array winograd_output_grad(const py::object& dy_obj, int64_t dilation, int64
 py::array winograd_output(const py::object& m_obj, const py::object& bias_obj, int64_t dilation, int64_t row0,
                           int64_t rows, const py::object& out_obj, int num_threads) {
     require_threads(num_threads);
-    py::array m = float_array(m_obj, "m", 3);
-    py::array out = float_array(out_obj, "out", 4);
+    py::array m = wino_float_array(m_obj, "m", 3);
+    py::array out = wino_float_array(out_obj, "out", 4);
     require_writeable(out, "out");
     const Geometry g = wino_geometry(out.shape(0), out.shape(1), out.shape(2), out.shape(3), dilation, row0, rows, 4);
     require_shape(m, "m", {36, static_cast<py::ssize_t>(g.tiles), static_cast<py::ssize_t>(g.c)});
@@ -232,7 +224,7 @@ py::array winograd_output(const py::object& m_obj, const py::object& bias_obj, i
     const float* b = nullptr;
     py::array bias;
     if (!bias_obj.is_none()) {
-        bias = float_array(bias_obj, "bias", 1);
+        bias = wino_float_array(bias_obj, "bias", 1);
         require_shape(bias, "bias", {static_cast<py::ssize_t>(g.c)});
         b = static_cast<const float*>(bias.data());
     }

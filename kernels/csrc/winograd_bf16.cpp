@@ -135,10 +135,7 @@ py::array winograd2_output(const py::object& m_obj, const py::object& bias_obj, 
     const float* b = nullptr;
     py::array bias;
     if (!bias_obj.is_none()) {
-        bias = as_array(bias_obj, "bias");
-        if (!has_dtype<float>(bias)) throw py::type_error("bias must have dtype float32, got " + dtype_str(bias));
-        require_contiguous(bias, "bias");
-        require_ndim(bias, "bias", 1, 1);
+        bias = wino_float_array(bias_obj, "bias", 1);
         require_shape(bias, "bias", {static_cast<py::ssize_t>(g.c)});
         b = static_cast<const float*>(bias.data());
     }

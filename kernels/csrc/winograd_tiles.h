@@ -49,6 +49,15 @@ inline Geometry wino_geometry(int64_t n, int64_t h, int64_t w, int64_t c, int64_
     return g;
 }
 
+// `obj` as a C-contiguous float32 numpy array of `ndim` dimensions, else an error naming it.
+inline py::array wino_float_array(const py::object& obj, const char* name, int ndim) {
+    py::array a = as_array(obj, name);
+    if (!has_dtype<float>(a)) throw py::type_error(std::string(name) + " must have dtype float32, got " + dtype_str(a));
+    require_contiguous(a, name);
+    require_ndim(a, name, ndim, ndim);
+    return a;
+}
+
 // Tiles per parallel chunk: enough that a thread's share is worth waking it for.
 inline int64_t wino_min_tiles(int64_t channels) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, channels)); }
 
